@@ -1,0 +1,27 @@
+"""longattn: change how a Hugging Face causal LM attends over long contexts, and measure what it costs and buys.
+
+    import longattn
+    longattn.patch(model, "dense", backend="sdpa")     # a method name, a spec object or a recipe
+    longattn.unpatch(model)                            # exactly the original attention again
+    with longattn.patched(model, "dense"): ...
+    longattn.methods()                                 # every method, its parameters and paper
+"""
+from .kernels import AttentionMask, dense_attention
+from .methods import METHODS, AttentionMethod, Dense, MethodInfo, method_infos
+from .patching import UnsupportedModelError, patch, patch_state, patched, unpatch
+from .recipes import load_recipe, recipe_names
+from .reference import reference_model, reference_model_path
+
+__version__ = "0.1.0"
+
+
+def methods() -> list[MethodInfo]:
+    """Every attention method: name, one-line summary, paper reference and parameters with defaults."""
+    return method_infos()
+
+
+__all__ = [
+    "AttentionMask", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "UnsupportedModelError",
+    "dense_attention", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",
+    "reference_model", "reference_model_path", "unpatch",
+]

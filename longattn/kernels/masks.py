@@ -1,0 +1,153 @@
+"""Attention masks described by index predicates, materialized only in the form a kernel needs.
+
+A mask is a predicate ``allowed(batch_idx, head_idx, q_pos, kv_pos) -> bool`` over *absolute* positions (the
+same convention as transformers' mask functions and FlexAttention's ``mask_mod``), plus the sizes and offsets
+of the current call. Kernels ask for what they can use: a FlexAttention ``BlockMask`` (never S x S), a dense
+boolean tensor (SDPA / the math kernel), or ``None`` when the pattern is plain causal and the kernel's own
+``is_causal`` switch expresses it. This module knows nothing of Hugging Face models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal(b, h, q, k):
+    return k <= q
+
+
+def full(b, h, q, k):
+    return q >= 0  # a tensor of True with the broadcast shape of q
+
+
+def sliding_window(window: int) -> MaskFn:
+    """Causal attention to the `window` most recent positions, the query's own included."""
+
+    def allowed(b, h, q, k):
+        return (k <= q) & (q - k < window)
+
+    return allowed
+
+
+def with_padding(fn: MaskFn, padding: torch.Tensor) -> MaskFn:
+    """Restrict `fn` to key positions where `padding[b, kv_pos]` is True (absolute kv positions)."""
+
+    def allowed(b, h, q, k):
+        return fn(b, h, q, k) & padding[b, k]
+
+    return allowed
+
+
+@dataclass
+class AttentionMask:
+    """Which (query, key) pairs may interact in one attention call.
+
+    ``q_len`` queries sit at absolute positions ``q_offset ...``; ``kv_len`` keys at ``kv_offset ...``.
+    ``fn`` decides the pattern; ``padding`` ([batch, kv_offset + kv_len] bool, True = real token) is kept
+    separately for kernels that take it directly (flash-attn's variable-length path). ``window`` (if not None)
+    is the sliding window already contained in ``fn``; ``is_plain_causal`` says that ``fn`` is exactly
+    bottom-right-aligned causal with no padding, so a kernel may use its built-in causal switch.
+    """
+
+    batch_size: int
+    q_len: int
+    kv_len: int
+    fn: MaskFn = causal
+    q_offset: int = 0
+    kv_offset: int = 0
+    padding: torch.Tensor | None = None
+    window: int | None = None
+    is_causal: bool = True
+    is_plain_causal: bool = False
+    # True when (is_causal, window, padding) describe the pattern completely (what flash-attn can express).
+    structured: bool = False
+    device: torch.device | str = "cpu"
+    # Optional override producing the dense bool mask (or None for "plain causal"), e.g. transformers' own
+    # builder so that dense attention through longattn sees exactly the tensor SDPA would have seen.
+    dense_builder: Callable[[], torch.Tensor | None] | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # -------------------------------------------------------------------------------------- constructors
+    @classmethod
+    def causal(cls, q_len: int, kv_len: int | None = None, *, batch_size: int = 1, window: int | None = None,
+               padding: torch.Tensor | None = None, device="cpu") -> "AttentionMask":
+        """Bottom-right aligned causal mask (queries are the last `q_len` of `kv_len` positions)."""
+        kv_len = q_len if kv_len is None else kv_len
+        fn = causal if window is None else sliding_window(window)
+        if padding is not None:
+            fn = with_padding(fn, padding.to(device=device, dtype=torch.bool))
+        return cls(batch_size, q_len, kv_len, fn, q_offset=kv_len - q_len, padding=padding, window=window,
+                   is_plain_causal=window is None and padding is None, structured=True, device=device)
+
+    @classmethod
+    def from_tensor(cls, mask: torch.Tensor) -> "AttentionMask":
+        """Wrap a user-supplied 4D mask (bool: True = attend, or additive float: 0 = attend)."""
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        b, _, q, k = allowed.shape
+
+        def fn(bi, h, qi, ki):
+            return allowed[bi if allowed.shape[0] > 1 else 0, 0, qi, ki]
+
+        return cls(b, q, k, fn, is_causal=False, device=mask.device, dense_builder=lambda: allowed)
+
+    # -------------------------------------------------------------------------------------- materializers
+    def local_fn(self) -> MaskFn:
+        """The predicate over local indices (0..q_len, 0..kv_len), as FlexAttention's mask_mod expects."""
+        fn, qo, ko = self.fn, self.q_offset, self.kv_offset
+        if not qo and not ko:
+            return fn
+
+        def allowed(b, h, q, k):
+            return fn(b, h, q + qo, k + ko)
+
+        return allowed
+
+    def dense(self) -> torch.Tensor | None:
+        """[batch or 1, 1, q_len, kv_len] bool mask; None means plain causal (top-left == bottom-right here)."""
+        if "dense" not in self._cache:
+            if self.dense_builder is not None:
+                self._cache["dense"] = self.dense_builder()
+            elif self.is_plain_causal and (self.q_len == self.kv_len or self.q_len == 1):
+                self._cache["dense"] = None
+            else:
+                self._cache["dense"] = self.materialize()
+        return self._cache["dense"]
+
+    def materialize(self) -> torch.Tensor:
+        """Always a bool tensor [batch, 1, q_len, kv_len] (the slow, obvious form; references use it)."""
+        dev = self.device
+        b = torch.arange(self.batch_size, device=dev).view(-1, 1, 1, 1)
+        h = torch.zeros(1, device=dev, dtype=torch.long).view(1, 1, 1, 1)
+        q = (torch.arange(self.q_len, device=dev) + self.q_offset).view(1, 1, -1, 1)
+        k = (torch.arange(self.kv_len, device=dev) + self.kv_offset).view(1, 1, 1, -1)
+        return self.fn(b, h, q, k).expand(self.batch_size, 1, self.q_len, self.kv_len)
+
+    def block_mask(self, block_size: int = 128):
+        """A FlexAttention BlockMask built from the predicate (compiled; O(S^2 / block^2) memory)."""
+        key = ("block", block_size)
+        if key not in self._cache:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            batch = self.batch_size if self.padding is not None or self.dense_builder is not None else None
+            # create_block_mask(_compile=True) fails for a single query (decode) on CPU; that shape is tiny.
+            self._cache[key] = create_block_mask(
+                self.local_fn(), batch, None, self.q_len, self.kv_len, device=self.device,
+                BLOCK_SIZE=block_size, _compile=self.q_len > 1,
+            )
+        return self._cache[key]
+
+    def query_padding(self) -> torch.Tensor | None:
+        """[batch, q_len] bool (True = real query token), when padding is known."""
+        if self.padding is None:
+            return None
+        return self.padding[:, self.q_offset:self.q_offset + self.q_len]
+
+    def key_padding(self) -> torch.Tensor | None:
+        """[batch, kv_len] bool (True = real key token), when padding is known."""
+        if self.padding is None:
+            return None
+        return self.padding[:, self.kv_offset:self.kv_offset + self.kv_len]

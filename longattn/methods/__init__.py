@@ -1,0 +1,46 @@
+"""Attention methods: one file per method family, each a dataclass spec with an `attend` function."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .base import AttendCall, AttentionMethod
+from .dense import Dense
+
+# name -> spec class; a new method adds one line here.
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (Dense,)}
+
+
+@dataclass
+class MethodInfo:
+    """What `longattn.methods()` reports for one method."""
+
+    name: str
+    summary: str
+    paper: str
+    params: dict[str, Any]  # parameter name -> default value
+
+
+def method_infos() -> list[MethodInfo]:
+    infos = []
+    for name, cls in sorted(METHODS.items()):
+        params = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                  for f in dataclasses.fields(cls)}
+        infos.append(MethodInfo(name, cls.summary, cls.paper, params))
+    return infos
+
+
+def make_method(name: str, **params) -> AttentionMethod:
+    """Build a validated spec from a method name and keyword parameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown attention method {name!r}; available: {sorted(METHODS)}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(params) - fields
+    if unknown:
+        raise ValueError(f"{name}: unknown parameter(s) {sorted(unknown)}; its parameters are {sorted(fields)}")
+    return cls(**params)
+
+
+__all__ = ["AttendCall", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "method_infos", "make_method"]

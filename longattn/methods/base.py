@@ -1,0 +1,53 @@
+"""The tiny base every attention method builds on: a validated dataclass spec plus one `attend` function."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..kernels.masks import AttentionMask
+
+
+@dataclass
+class AttendCall:
+    """Everything one attention call knows besides q, k, v and the mask (filled by the patching layer)."""
+
+    scale: float
+    softcap: float | None = None
+    dropout: float = 0.0
+    layer_idx: int | None = None
+    module: Any = None
+
+
+@dataclass
+class AttentionMethod:
+    """Base spec. Subclasses are dataclasses whose fields are the method's parameters.
+
+    Class attributes: ``name`` (used by ``patch``), ``paper`` (one-line reference) and ``summary``.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the parameter and its allowed range; subclasses extend."""
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask,
+               call: AttendCall) -> torch.Tensor:
+        """query [B, Hq, Q, D], key/value [B, Hkv, K, D] (unexpanded GQA) -> output [B, Hq, Q, D]."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def check(method: str, param: str, ok: bool, allowed: str, value: Any) -> None:
+    """One-line parameter validation with an error that says what is allowed."""
+    if not ok:
+        raise ValueError(f"{method}: parameter {param!r} must be {allowed}, got {value!r}")

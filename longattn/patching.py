@@ -1,0 +1,246 @@
+"""The one place that talks to transformers' attention interface.
+
+`patch` registers a single attention function ("longattn") with `AttentionInterface` and a matching mask
+function with `AttentionMaskInterface`, then switches the model to it with `set_attn_implementation`. The
+mask function does not build a tensor: it returns a lazy `HFMask` holding transformers' own mask recipe, so
+each layer materializes only what its kernel needs (nothing, a block mask, or exactly the tensor that the
+model's original implementation would have received). Layers a method does not cover run the model's
+original attention function on that original mask, unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .kernels.masks import AttentionMask, full
+from .methods import METHODS, AttendCall, AttentionMethod, make_method
+from .recipes import find_recipe, load_recipe, recipe_names
+
+ATTN_NAME = "longattn"
+TESTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Phi3", "Olmo2")
+_LAYER_ATTR = "_longattn_method"  # set on each patched attention module
+_ORIG_ATTR = "_longattn_original"  # the model's original attention implementation name, on every module
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be patched (not a decoder-only LM on transformers' attention interface)."""
+
+
+@dataclass
+class PatchState:
+    """What `unpatch` needs, kept on the model as `model._longattn`."""
+
+    original_impl: str
+    method: AttentionMethod
+    layers: tuple[int, ...]
+
+
+class HFMask(AttentionMask):
+    """An AttentionMask built from the arguments transformers passes to a mask interface function."""
+
+    hf_kwargs: dict
+
+    def for_implementation(self, impl: str):
+        """The mask exactly as transformers' builder for `impl` ("sdpa", "eager", ...) would return it."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        key = ("impl", impl)
+        if key not in self._cache:
+            self._cache[key] = ALL_MASK_ATTENTION_FUNCTIONS[impl](**self.hf_kwargs)
+        return self._cache[key]
+
+
+def _mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                    attention_mask=None, local_size=None, **kwargs) -> HFMask:
+    from transformers.masking_utils import (and_masks, causal_mask_function, padding_mask_function,
+                                            prepare_padding_mask, sdpa_mask)
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    hf_kwargs = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, **kwargs)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    fn = mask_function if padding is None else and_masks(mask_function, padding_mask_function(padding))
+    mask = HFMask(
+        batch_size=batch_size, q_len=q_length, kv_len=kv_length, fn=fn, q_offset=int(q_offset),
+        kv_offset=int(kv_offset), padding=padding, window=local_size, is_causal=True,
+        is_plain_causal=mask_function is causal_mask_function and padding is None,
+        structured=mask_function is causal_mask_function, device=kwargs.get("device", "cpu"),
+        dense_builder=lambda: sdpa_mask(**hf_kwargs),
+    )
+    mask.hf_kwargs = hf_kwargs
+    return mask
+
+
+def _original_function(module: nn.Module, impl: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if impl == "eager":
+        # Each modeling file defines its own eager function (Gemma2's applies soft-capping, for example).
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                       sliding_window=None, softcap=None, **kwargs):
+    """The function registered under AttentionInterface["longattn"]; dispatches per layer."""
+    method: AttentionMethod | None = getattr(module, _LAYER_ATTR, None)
+    if method is None:  # a layer the method does not cover: the model's own attention, untouched
+        impl = getattr(module, _ORIG_ATTR)
+        mask = attention_mask.for_implementation(impl) if isinstance(attention_mask, HFMask) else attention_mask
+        return _original_function(module, impl)(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                                sliding_window=sliding_window, softcap=softcap, **kwargs)
+    if isinstance(attention_mask, AttentionMask):
+        mask = attention_mask
+    elif isinstance(attention_mask, torch.Tensor):
+        mask = AttentionMask.from_tensor(attention_mask)
+    elif getattr(module, "is_causal", True):
+        mask = AttentionMask.causal(query.shape[2], key.shape[2], batch_size=query.shape[0], device=query.device)
+    else:
+        mask = AttentionMask(query.shape[0], query.shape[2], key.shape[2], full, is_causal=False,
+                             device=query.device)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    call = AttendCall(scale=scale, softcap=softcap, dropout=dropout, layer_idx=getattr(module, "layer_idx", None),
+                      module=module)
+    out = method.attend(query, key, value, mask, call)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def _register() -> None:
+    """Add longattn's names to transformers' interfaces (additive: nothing of transformers is replaced)."""
+    global _registered
+    if not _registered:
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, longattn_attention)
+        AttentionMaskInterface.register(ATTN_NAME, _mask_interface)
+        _registered = True
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a transformers decoder, ordered by layer index."""
+    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _check_supported(model) -> list[nn.Module]:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"longattn.patch expects a transformers PreTrainedModel (e.g. from "
+                        f"AutoModelForCausalLM.from_pretrained), got {type(model).__name__}")
+    name = type(model).__name__
+    why = None
+    if getattr(model.config, "is_encoder_decoder", False):
+        why = "it is an encoder-decoder model"
+    elif not type(model)._can_set_attn_implementation():
+        why = "its attention does not go through transformers' AttentionInterface"
+    mods = attention_modules(model)
+    if why is None and not mods:
+        why = "no self-attention layers were found"
+    if why is None and not getattr(model.config, "is_causal", True):
+        why = "it attends bidirectionally"
+    if why:
+        raise UnsupportedModelError(
+            f"longattn cannot patch {name}: {why}. Supported: decoder-only causal LMs whose attention goes "
+            f"through transformers' AttentionInterface (tested: {', '.join(TESTED_ARCHITECTURES)})")
+    return mods
+
+
+def _resolve_layers(layers, n_layers: int) -> tuple[int, ...]:
+    if layers is None or layers == "all":
+        return tuple(range(n_layers))
+    if isinstance(layers, str):  # Python slice syntax, e.g. "2:" = every layer but the first two
+        parts = layers.split(":")
+        if len(parts) not in (2, 3) or not all(p.strip().lstrip("-").isdigit() or not p.strip() for p in parts):
+            raise ValueError(f"layers: expected 'all', a list of layer indices or a slice like '2:', got {layers!r}")
+        sl = slice(*(int(p) if p.strip() else None for p in parts))
+        return tuple(range(n_layers))[sl]
+    chosen = set()
+    for i in [layers] if isinstance(layers, int) else layers:
+        if not -n_layers <= int(i) < n_layers:
+            raise ValueError(f"layers: index {i} out of range for a model with {n_layers} attention layers "
+                             f"(0..{n_layers - 1})")
+        chosen.add(int(i) % n_layers)
+    return tuple(sorted(chosen))
+
+
+def resolve_method(method, params: dict) -> tuple[AttentionMethod, object]:
+    """(spec, layers from a recipe or None) from a name, spec object, recipe name or recipe path."""
+    if isinstance(method, AttentionMethod):
+        if params:
+            raise ValueError("pass parameters either in the spec object or as keywords, not both")
+        return method, None
+    if isinstance(method, (str, Path)):
+        if isinstance(method, str) and method in METHODS:
+            return make_method(method, **params), None
+        path = find_recipe(method)
+        if path is not None:
+            recipe = load_recipe(path)
+            return make_method(recipe.method, **{**recipe.params, **params}), recipe.layers
+        raise ValueError(f"unknown attention method or recipe {str(method)!r}; methods: {sorted(METHODS)}; "
+                         f"recipes: {recipe_names()}")
+    raise TypeError(f"method must be a name, an AttentionMethod spec or a recipe path, got {type(method).__name__}")
+
+
+def patch(model, method="dense", *, layers=None, **params):
+    """Make `model` attend with `method` (in place); returns the model. A second patch replaces the first."""
+    mods = _check_supported(model)
+    spec, recipe_layers = resolve_method(method, params)
+    chosen = _resolve_layers(recipe_layers if layers is None else layers, len(mods))
+    if getattr(model, "_longattn", None) is not None:
+        unpatch(model)
+    _register()
+    original = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        raise UnsupportedModelError(f"{type(model).__name__} refused set_attn_implementation({ATTN_NAME!r})")
+    for m in mods:
+        setattr(m, _ORIG_ATTR, original)
+        if m.layer_idx in chosen:
+            setattr(m, _LAYER_ATTR, spec)
+    model._longattn = PatchState(original, spec, chosen)
+    return model
+
+
+def unpatch(model):
+    """Restore the model's original attention exactly; a model that is not patched is returned as is."""
+    state: PatchState | None = getattr(model, "_longattn", None)
+    if state is None:
+        return model
+    model.set_attn_implementation(state.original_impl)
+    for m in attention_modules(model):
+        for attr in (_LAYER_ATTR, _ORIG_ATTR):
+            if hasattr(m, attr):
+                delattr(m, attr)
+    del model._longattn
+    return model
+
+
+@contextlib.contextmanager
+def patched(model, method="dense", *, layers=None, **params):
+    """`with patched(model, "dense"): ...` patches for the block and always restores the original."""
+    patch(model, method, layers=layers, **params)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
+def patch_state(model) -> PatchState | None:
+    return getattr(model, "_longattn", None)
+
+
+def patched_layers(model) -> Iterable[int]:
+    state = patch_state(model)
+    return () if state is None else state.layers

@@ -1,0 +1,60 @@
+"""Small real transformers models built from configs (no downloads), shared by the tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# arch -> (config class name, model class name, extra config); sliding windows are small on purpose so that the
+# test sequences (~24 tokens) cross them.
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8,
+                                                  "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 8,
+                                                     "attn_logit_softcapping": 5.0,
+                                                     "final_logit_softcapping": 30.0,
+                                                     "query_pre_attn_scalar": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 8}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+}
+
+
+def make_model(arch: str, seed: int = 0, attn_implementation: str | None = None, **overrides):
+    import transformers
+
+    cfg_name, model_name, extra = ARCHS[arch]
+    config = getattr(transformers, cfg_name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    # Random init gives near-uniform attention; larger q/k weights make attention patterns (and bugs) visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("q_proj", "k_proj", "qkv_proj")) and p.ndim == 2:
+                p.mul_(4.0)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
+def reference_implementation(model) -> str:
+    """What 'unpatched transformers' means for a model: sdpa, or eager where sdpa cannot run (soft-capping)."""
+    return model.config._attn_implementation
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return request.param
+
+
+def left_padded_batch(seed: int = 0, length: int = 24, pad: int = 5, vocab: int = 96):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    ids[1, :pad] = 0
+    mask[1, :pad] = 0
+    return ids, mask
