@@ -148,8 +148,9 @@ def _check_supported(model) -> list[nn.Module]:
     mods = attention_modules(model)
     if why is None and not mods:
         why = "no self-attention layers were found"
-    if why is None and not getattr(model.config, "is_causal", True):
-        why = "it attends bidirectionally"
+    if why is None and not (getattr(model.config, "is_causal", True)
+                            and all(getattr(m, "is_causal", False) is True for m in mods)):
+        why = "its attention is not causal (an encoder)"
     if why:
         raise UnsupportedModelError(
             f"longattn cannot patch {name}: {why}. Supported: decoder-only causal LMs whose attention goes "

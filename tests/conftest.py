@@ -58,3 +58,22 @@ def left_padded_batch(seed: int = 0, length: int = 24, pad: int = 5, vocab: int 
     ids[1, :pad] = 0
     mask[1, :pad] = 0
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A real fast tokenizer (byte-level BPE, one token per digit) trained in milliseconds on local text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from longattn.evals.passkey import GRASS, NEEDLE, PREAMBLE, QUESTION
+
+    text = [PREAMBLE, GRASS, NEEDLE.format(key="12345"), QUESTION,
+            "Attention over long contexts costs memory that grows with the sequence. " * 3]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")

@@ -94,6 +94,23 @@ class AttentionMask:
 
         return cls(b, q, k, fn, is_causal=False, device=mask.device, dense_builder=lambda: allowed)
 
+    def restrict(self, extra: MaskFn, window: int | None = None) -> "AttentionMask":
+        """A new mask allowing only the pairs both this mask and `extra` allow (absolute positions).
+
+        `window` says that `extra` is a causal sliding window of that size, so that kernels with a native
+        window (flash-attn) can still express the result.
+        """
+        fn = self.fn
+
+        def allowed(b, h, q, k):
+            return fn(b, h, q, k) & extra(b, h, q, k)
+
+        windows = [w for w in (self.window, window) if w is not None]
+        return AttentionMask(
+            self.batch_size, self.q_len, self.kv_len, allowed, q_offset=self.q_offset, kv_offset=self.kv_offset,
+            padding=self.padding, window=min(windows) if windows else None, is_causal=self.is_causal,
+            structured=self.structured and (window is not None or extra is causal), device=self.device)
+
     # -------------------------------------------------------------------------------------- materializers
     def local_fn(self) -> MaskFn:
         """The predicate over local indices (0..q_len, 0..kv_len), as FlexAttention's mask_mod expects."""

@@ -7,9 +7,10 @@ from typing import Any
 
 from .base import AttendCall, AttentionMethod
 from .dense import Dense
+from .sliding_window import SlidingWindow
 
 # name -> spec class; a new method adds one line here.
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (Dense,)}
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (Dense, SlidingWindow)}
 
 
 @dataclass
@@ -43,4 +44,4 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "method_infos", "make_method"]
+__all__ = ["AttendCall", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "SlidingWindow", "method_infos", "make_method"]
