@@ -131,3 +131,45 @@ def test_cuda_backends_match_reference(backend):
     out, lse = dense_attention(q, k, v, mask, scale=0.25, backend=backend, return_lse=True)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=0)
+
+
+def test_flash_plumbing_with_a_stand_in_flash_attn(monkeypatch):
+    """No GPU here: check the flash backend's unpad/pad and LSE layout against a CPU stand-in that follows
+    flash-attn's documented API (bottom-right causal, window_size=(left, right), LSE [B, H, Q] / [H, total_q])."""
+    import sys
+    import types
+
+    from longattn.kernels import dense as dense_mod
+
+    def flash_attn_func(q, k, v, softmax_scale, causal, window_size, softcap, dropout_p, return_attn_probs):
+        b, sq, _, _ = q.shape
+        sk = k.shape[1]
+        mask = AttentionMask.causal(sq, sk, batch_size=b,
+                                    window=None if window_size[0] < 0 else window_size[0] + 1).materialize()
+        out, lse = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, softmax_scale)
+        return (out.transpose(1, 2), lse, None) if return_attn_probs else out.transpose(1, 2)
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size, softcap,
+                               dropout_p, return_attn_probs):
+        outs, lses = [], []
+        for i in range(len(cu_q) - 1):
+            qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            o, l, _ = flash_attn_func(q[None, qs], k[None, ks], v[None, ks], softmax_scale, causal, window_size,
+                                      softcap, dropout_p, True)
+            outs.append(o[0])
+            lses.append(l[0])
+        out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+        return (out, lse, None) if return_attn_probs else out
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
+        flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func))
+    for kind in ("causal", "window", "padded", "padded_window"):
+        for q_len, kv_len in ((37, 37), (1, 40)):
+            q, k, v = qkv(q_len=q_len, kv_len=kv_len)
+            mask = masks(2, q_len, kv_len)[kind]
+            allowed = mask.materialize()
+            ref_out, ref_lse = reference(q, k, v, allowed, 0.25)
+            out, lse = dense_mod._flash(q, k, v, mask, scale=0.25, softcap=None, dropout=0.0, return_lse=True)
+            rows = allowed.any(-1, keepdim=True).expand(-1, q.shape[1], -1, -1)
+            torch.testing.assert_close(out * rows, ref_out * rows, atol=1e-5, rtol=0, msg=kind)
+            torch.testing.assert_close(lse[rows[..., 0]], ref_lse[rows[..., 0]], atol=1e-5, rtol=0, msg=kind)
