@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -26,6 +26,7 @@ ATTN_NAME = "longattn"
 TESTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Phi3", "Olmo2")
 _LAYER_ATTR = "_longattn_method"  # set on each patched attention module
 _ORIG_ATTR = "_longattn_original"  # the model's original attention implementation name, on every module
+_METER_ATTR = "_longattn_meter"  # the model's DensityMeter, on every module
 
 
 class UnsupportedModelError(ValueError):
@@ -33,12 +34,35 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass
+class DensityMeter:
+    """Counts attended vs causal query-key pairs per phase over every attention call of a patched model."""
+
+    attended: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    causal: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+
+    def add(self, phase: str, attended: int, causal: int) -> None:
+        self.attended[phase] += attended
+        self.causal[phase] += causal
+
+    def density(self, phase: str | None = None) -> float | None:
+        phases = [phase] if phase else list(self.causal)
+        causal = sum(self.causal[p] for p in phases)
+        return None if causal == 0 else sum(self.attended[p] for p in phases) / causal
+
+    def reset(self) -> None:
+        for d in (self.attended, self.causal):
+            for k in d:
+                d[k] = 0
+
+
+@dataclass
 class PatchState:
-    """What `unpatch` needs, kept on the model as `model._longattn`."""
+    """What `unpatch` needs, kept on the model as `model._longattn`, plus the density meter."""
 
     original_impl: str
     method: AttentionMethod
     layers: tuple[int, ...]
+    meter: DensityMeter = field(default_factory=DensityMeter)
 
 
 class HFMask(AttentionMask):
@@ -91,9 +115,17 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
                        sliding_window=None, softcap=None, **kwargs):
     """The function registered under AttentionInterface["longattn"]; dispatches per layer."""
     method: AttentionMethod | None = getattr(module, _LAYER_ATTR, None)
+    meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
+    phase = "prefill" if query.shape[2] > 1 else "decode"
     if method is None:  # a layer the method does not cover: the model's own attention, untouched
         impl = getattr(module, _ORIG_ATTR)
-        mask = attention_mask.for_implementation(impl) if isinstance(attention_mask, HFMask) else attention_mask
+        if isinstance(attention_mask, HFMask):
+            if meter is not None:
+                pairs = attention_mask.pair_count(attention_mask.window)
+                meter.add(phase, pairs, attention_mask.pair_count())
+            mask = attention_mask.for_implementation(impl)
+        else:
+            mask = attention_mask
         return _original_function(module, impl)(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                                 sliding_window=sliding_window, softcap=softcap, **kwargs)
     if isinstance(attention_mask, AttentionMask):
@@ -109,6 +141,8 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     call = AttendCall(scale=scale, softcap=softcap, dropout=dropout, layer_idx=getattr(module, "layer_idx", None),
                       module=module)
     out = method.attend(query, key, value, mask, call)
+    if meter is not None:
+        meter.add(phase, method.computed_pairs(mask), mask.pair_count())
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -206,11 +240,13 @@ def patch(model, method="dense", *, layers=None, **params):
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
         raise UnsupportedModelError(f"{type(model).__name__} refused set_attn_implementation({ATTN_NAME!r})")
+    state = PatchState(original, spec, chosen)
     for m in mods:
         setattr(m, _ORIG_ATTR, original)
+        setattr(m, _METER_ATTR, state.meter)
         if m.layer_idx in chosen:
             setattr(m, _LAYER_ATTR, spec)
-    model._longattn = PatchState(original, spec, chosen)
+    model._longattn = state
     return model
 
 
@@ -221,7 +257,7 @@ def unpatch(model):
         return model
     model.set_attn_implementation(state.original_impl)
     for m in attention_modules(model):
-        for attr in (_LAYER_ATTR, _ORIG_ATTR):
+        for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR):
             if hasattr(m, attr):
                 delattr(m, attr)
     del model._longattn

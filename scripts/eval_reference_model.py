@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import longattn
-from longattn.evals import make_passkey_sample, score_passkey, sliding_window_perplexity
+from longattn.evals import generate_answers, make_passkey_sample, score_answers, sliding_window_perplexity
 from longattn.evals.corpora import DEFAULT_CACHE, python_doc_prose
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,8 +30,8 @@ from train_reference_model import ensure_linux_doc, split_corpus  # noqa: E402  
 def passkey_accuracy(model, tok, length: int, trials: int, filler: str | None, seed: int = 0) -> float:
     depths = [i / (trials - 1) for i in range(trials)] if trials > 1 else [0.5]
     samples = [make_passkey_sample(tok, length, d, seed=seed + i, filler_text=filler) for i, d in enumerate(depths)]
-    batch = max(1, 16384 // length)
-    return sum(score_passkey(model, tok, samples, batch_size=batch)) / len(samples)
+    answers = generate_answers(model, tok, samples, batch_size=max(1, 16384 // length))
+    return sum(s["first_number_match"] for s in score_answers(samples, answers)) / len(samples)
 
 
 def main(argv=None):

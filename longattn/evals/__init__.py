@@ -1,6 +1,6 @@
-"""Measuring harnesses: perplexity and long-context tasks."""
-from .passkey import PasskeySample, make_passkey_sample, score_passkey
+"""Measuring harnesses: perplexity, long-context tasks, sweeps and reports."""
 from .perplexity import PerplexityResult, sliding_window_perplexity
+from .tasks import TASKS, generate_answers, make_passkey_sample, make_task, score_answers
 
-__all__ = ["PasskeySample", "PerplexityResult", "make_passkey_sample", "score_passkey",
+__all__ = ["PerplexityResult", "TASKS", "generate_answers", "make_passkey_sample", "make_task", "score_answers",
            "sliding_window_perplexity"]

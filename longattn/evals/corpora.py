@@ -43,3 +43,15 @@ def python_doc_prose(cache: Path = DEFAULT_CACHE, sections=("tutorial", "howto",
     src = next(root.glob("usr/share/doc/python3.11/html/_sources"))
     files = sorted(p for s in sections for p in (src / s).rglob("*.rst.txt"))
     return "\n\n".join(read_text_file(p).strip() for p in files)
+
+
+def linux_doc_heldout(cache: Path = DEFAULT_CACHE, every: int = 50) -> str:
+    """The linux-doc-6.1 rst files that the reference model's training held out (1 in `every`, by path hash)."""
+    import hashlib
+
+    root = debian_package_root("linux-doc-6.1", cache)
+    docs = next(root.glob("usr/share/doc/linux-doc-*/Documentation"))
+    files = sorted(p for p in docs.rglob("*") if p.name.endswith((".rst", ".rst.gz")))
+    held = [p for p in files
+            if int(hashlib.sha1(str(p.relative_to(docs)).encode()).hexdigest(), 16) % every == 0]
+    return "\n\n".join(read_text_file(p).strip() for p in held)

@@ -21,6 +21,7 @@ class PerplexityResult:
     tokens: int  # number of scored tokens
     context: int
     stride: int
+    processed: int = 0  # tokens run through the model (windows overlap when stride < context)
 
 
 @torch.no_grad()
@@ -34,11 +35,12 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, context: int, stri
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to measure perplexity")
     device = next(model.parameters()).device
-    total_nll, total_tokens, prev_end = 0.0, 0, 0
+    total_nll, total_tokens, prev_end, processed = 0.0, 0, 0, 0
     starts = range(0, ids.numel() - 1, stride)
     for begin in tqdm(starts, desc=f"ppl@{context}", disable=not progress):
         end = min(begin + context, ids.numel())
         window = ids[begin:end].unsqueeze(0).to(device)
+        processed += end - begin
         n_new = end - max(prev_end, begin + 1)  # targets not scored before (the window's first has no context)
         logits = model(input_ids=window).logits[0, -n_new - 1:-1].float()
         nll = F.cross_entropy(logits, window[0, -n_new:], reduction="sum")
@@ -48,4 +50,4 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, context: int, stri
         if end == ids.numel():
             break
     mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, total_tokens, context, stride)
+    return PerplexityResult(math.exp(mean), mean, total_tokens, context, stride, processed)

@@ -111,6 +111,18 @@ class AttentionMask:
             padding=self.padding, window=min(windows) if windows else None, is_causal=self.is_causal,
             structured=self.structured and (window is not None or extra is causal), device=self.device)
 
+    def pair_count(self, window: int | None = None) -> int:
+        """Causal (query, key) pairs per sequence, within `window` if given (padding not subtracted).
+
+        O(q_len) arithmetic, no mask materialized: the numerator and denominator of attention density.
+        """
+        q = torch.arange(self.q_len, dtype=torch.long) + self.q_offset
+        lo = torch.full_like(q, self.kv_offset)
+        if window is not None:
+            lo = torch.maximum(lo, q - window + 1)
+        hi = torch.clamp(q, max=self.kv_offset + self.kv_len - 1)
+        return int((hi - lo + 1).clamp_min(0).sum())
+
     # -------------------------------------------------------------------------------------- materializers
     def local_fn(self) -> MaskFn:
         """The predicate over local indices (0..q_len, 0..kv_len), as FlexAttention's mask_mod expects."""

@@ -43,6 +43,10 @@ class AttentionMethod:
         """query [B, Hq, Q, D], key/value [B, Hkv, K, D] (unexpanded GQA) -> output [B, Hq, Q, D]."""
         raise NotImplementedError
 
+    def computed_pairs(self, mask: AttentionMask) -> int:
+        """Query-key pairs this method attends to in one call (per sequence): the density numerator."""
+        return mask.pair_count(mask.window)
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

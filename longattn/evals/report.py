@@ -1,0 +1,127 @@
+"""Reports from results JSONL: a Markdown table and PNG plots (score vs density, score vs length, perplexity
+vs length)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+
+def config_label(r: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in sorted(r.get("params", {}).items()) if k != "backend")
+    layers = f" layers={r['layers']}" if r.get("layers") not in (None, "all") else ""
+    return f"{r['method']}({params}){layers}" if params else f"{r['method']}{layers}"
+
+
+def _fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(records: list[dict]) -> str:
+    tasks = sorted((r for r in records if r.get("kind") == "task"),
+                   key=lambda r: (r["task"], r["length"], config_label(r)))
+    ppl = sorted((r for r in records if r.get("kind") == "perplexity"), key=lambda r: (r["length"], config_label(r)))
+    out = []
+    if tasks:
+        out += ["| task | length | method | score | density | KV cache (MB) | tokens/s | peak mem (MB) | wall (s) |",
+                "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in tasks:
+            out.append(f"| {r['task']} | {r['length']} | {config_label(r)} | {_fmt(r['score'], 2)} | "
+                       f"{_fmt(r.get('density_prefill'))} | {r.get('kv_cache_bytes', 0) / 2**20:.1f} | "
+                       f"{r['tokens_per_s']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['wall_s']:.1f} |")
+    if ppl:
+        out += ["", "| text | context | method | perplexity | density | tokens/s | wall (s) |",
+                "|---|---:|---|---:|---:|---:|---:|"]
+        for r in ppl:
+            out.append(f"| {r['text']} | {r['length']} | {config_label(r)} | {r['perplexity']:.2f} | "
+                       f"{_fmt(r.get('density_prefill'))} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(records: list[dict], out_dir, title: str = "longattn sweep") -> list[Path]:
+    """Write report.md and the plots into `out_dir`; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    tasks = [r for r in records if r.get("kind") == "task"]
+    ppl = [r for r in records if r.get("kind") == "perplexity"]
+    task_names = sorted({r["task"] for r in tasks})
+
+    if tasks:
+        # Score vs density at each length: the frontier, one line per method through its parameter values.
+        lengths = sorted({r["length"] for r in tasks})
+        fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.8), squeeze=False, sharey=True)
+        for ax, length in zip(axes[0], lengths):
+            by_method = defaultdict(list)
+            cells = defaultdict(list)
+            for r in tasks:
+                if r["length"] == length:
+                    cells[(r["method"], config_label(r))].append(r)
+            for (method, label), rs in cells.items():
+                by_method[method].append((mean(x["density_prefill"] for x in rs), mean(x["score"] for x in rs), label))
+            for method, pts in sorted(by_method.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+            ax.set_title(f"{length} tokens")
+            ax.set_xlabel("attention density (attended / causal pairs)")
+            ax.set_xlim(0, 1.05)
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(f"mean score ({', '.join(task_names)})")
+        axes[0][-1].legend(fontsize=8, loc="lower right")
+        fig.suptitle(f"{title}: score vs attention density")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "score_vs_density.png", plt))
+
+        # Score vs context length, one line per configuration.
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        cells = defaultdict(lambda: defaultdict(list))
+        for r in tasks:
+            cells[config_label(r)][r["length"]].append(r["score"])
+        for label, by_len in sorted(cells.items()):
+            xs = sorted(by_len)
+            ax.plot(xs, [mean(by_len[x]) for x in xs], "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["length"] for r in tasks}), [str(x) for x in sorted({r["length"] for r in tasks})])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(f"mean score ({', '.join(task_names)})")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{title}: score vs context length")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "score_vs_length.png", plt))
+
+    if ppl:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        cells = defaultdict(dict)
+        for r in ppl:
+            cells[config_label(r)][r["length"]] = r["perplexity"]
+        for label, by_len in sorted(cells.items()):
+            xs = sorted(by_len)
+            ax.plot(xs, [by_len[x] for x in xs], "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["length"] for r in ppl}), [str(x) for x in sorted({r["length"] for r in ppl})])
+        ax.set_xlabel("context window (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{title}: perplexity vs context length")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "perplexity_vs_length.png", plt))
+
+    md = out_dir / "report.md"
+    images = "".join(f"\n![{p.stem}]({p.name})\n" for p in written)
+    md.write_text(f"# {title}\n\n{markdown_table(records)}{images}")
+    return [md] + written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

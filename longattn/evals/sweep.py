@@ -1,0 +1,210 @@
+"""Sweeps: a TOML grid of methods x parameters x tasks x lengths, run into a JSONL file that resumes.
+
+    name = "window-vs-dense"
+    model = "reference"            # "reference" (the embedded model) or a path to a HF model folder
+    seed = 0
+    samples = 20                   # prompts per task cell
+    batch_size = 8
+    lengths = [1024, 2048, 4096]
+    tasks = ["passkey", "niah_single"]   # or tables: { name = "niah_multikey", needles = 8 }
+    filler = "grass"               # "grass", "python-doc" or a text file
+
+    [[methods]]
+    method = "dense"
+
+    [[methods]]
+    method = "sliding_window"
+    grid = { window = [256, 512, 1024] }   # every combination of the listed values
+    params = { backend = "sdpa" }          # fixed parameters
+    layers = "all"
+
+    [perplexity]                   # optional: perplexity vs context length
+    text = "python-doc"
+    lengths = [512, 1024, 2048, 4096]
+    tokens = 16384
+
+Each finished cell is appended to the results file as one JSON line, flushed and fsynced, so a killed sweep
+loses at most the cell in flight; a restart skips every cell already recorded and repeats none.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .runner import Cell, Resources, run_cell
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+SWEEP_FIELDS = {"name", "model", "seed", "samples", "batch_size", "lengths", "tasks", "filler", "methods",
+                "perplexity", "description"}
+
+
+@dataclass
+class Sweep:
+    name: str
+    model: str
+    cells: list[Cell]
+    batch_size: int = 8
+    source: Path | None = None
+    description: str = ""
+    config: dict = field(default_factory=dict)
+
+
+def _err(path, msg):
+    return ValueError(f"{path}: {msg}")
+
+
+def load_sweep(path) -> Sweep:
+    """Parse and validate a sweep file into its cells (errors name the file and the offending entry)."""
+    from ..methods import make_method
+    from .tasks import make_task
+
+    path = Path(path)
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"sweep file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise _err(path, f"not valid TOML ({e})") from None
+    return sweep_from_config(cfg, path)
+
+
+def sweep_from_config(cfg: dict, path) -> Sweep:
+    """Validate a sweep configuration (as parsed from TOML) into its cells; `path` names it in errors."""
+    from ..methods import make_method
+    from .tasks import make_task
+
+    path = Path(path)
+    unknown = set(cfg) - SWEEP_FIELDS
+    if unknown:
+        raise _err(path, f"unknown field(s) {sorted(unknown)}; allowed: {sorted(SWEEP_FIELDS)}")
+    methods = cfg.get("methods")
+    if not methods or not isinstance(methods, list):
+        raise _err(path, "needs at least one [[methods]] entry")
+    seed, samples, filler = cfg.get("seed", 0), cfg.get("samples", 10), cfg.get("filler", "grass")
+    tasks = []
+    for t in cfg.get("tasks", []):
+        spec = {"name": t} if isinstance(t, str) else dict(t)
+        name = spec.pop("name", None)
+        try:
+            make_task(name, **spec)  # validate now, not an hour into the sweep
+        except ValueError as e:
+            raise _err(path, f"tasks: {e}") from None
+        tasks.append((name, spec))
+    lengths = cfg.get("lengths", [])
+    if tasks and not lengths:
+        raise _err(path, "tasks need 'lengths'")
+    if any(not isinstance(n, int) or n < 16 for n in lengths):
+        raise _err(path, f"lengths must be integers >= 16, got {lengths}")
+    ppl = cfg.get("perplexity")
+    if not tasks and not ppl:
+        raise _err(path, "nothing to run: give 'tasks' and/or a [perplexity] table")
+
+    cells = []
+    for i, entry in enumerate(methods):
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise _err(path, f"methods[{i}] needs a 'method'")
+        extra = set(entry) - {"method", "params", "grid", "layers"}
+        if extra:
+            raise _err(path, f"methods[{i}]: unknown field(s) {sorted(extra)}")
+        grid = entry.get("grid", {})
+        names = sorted(grid)
+        for combo in itertools.product(*(grid[n] if isinstance(grid[n], list) else [grid[n]] for n in names)):
+            params = {**entry.get("params", {}), **dict(zip(names, combo))}
+            try:
+                make_method(entry["method"], **params)
+            except ValueError as e:
+                raise _err(path, f"methods[{i}]: {e}") from None
+            for (task, task_params), length in itertools.product(tasks, lengths):
+                cells.append(Cell("task", entry["method"], length, params, entry.get("layers"), task, task_params,
+                                  samples, seed, filler))
+            if ppl:
+                for length in ppl.get("lengths", []):
+                    cells.append(Cell("perplexity", entry["method"], length, params, entry.get("layers"),
+                                      seed=seed, text=ppl.get("text", "python-doc"),
+                                      tokens=ppl.get("tokens", 16384), stride=ppl.get("stride")))
+    return Sweep(cfg.get("name", path.stem), cfg.get("model", "reference"), cells, cfg.get("batch_size", 8),
+                 path, cfg.get("description", ""), cfg)
+
+
+def read_results(path) -> list[dict]:
+    """Records of a results file. A torn last line (a kill mid-write) is dropped; any other bad line is an
+    error naming the line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                break  # the cell in flight when the sweep was killed: it will be run again
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a torn final line so that new records start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+
+def load_model(spec: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..reference import reference_model, reference_model_path
+
+    if spec == "reference":
+        model, tok = reference_model()
+        return model, tok, str(reference_model_path().name)
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {spec!r}: expected 'reference' or a folder with config.json")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path), path.name
+
+
+def run_sweep(sweep: Sweep, out: Path, dry_run: bool = False, model_and_tokenizer=None,
+              progress: bool = True) -> list[dict]:
+    """Run every cell not yet in `out`; returns all records (old and new)."""
+    out = Path(out)
+    done = {r["cell"] for r in read_results(out) if "cell" in r}
+    todo = [c for c in sweep.cells if c.key() not in done]
+    if dry_run:
+        for c in sweep.cells:
+            state = "done" if c.key() in done else "todo"
+            what = f"{c.task}" if c.kind == "task" else f"perplexity[{c.text}]"
+            print(f"[{state}] {c.method} {c.params or ''} {what} @ {c.length}")
+        print(f"{len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} done, {len(todo)} to run")
+        return read_results(out)
+    if todo:
+        model, tok, model_name = model_and_tokenizer or load_model(sweep.model)
+        resources = Resources(tok)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(out)
+        bar = tqdm(todo, desc=f"sweep {sweep.name}", disable=not progress, unit="cell")
+        for cell in bar:
+            bar.set_postfix_str(f"{cell.method} {cell.task or 'ppl'} @ {cell.length}")
+            record = run_cell(model, tok, cell, model_name, resources, sweep.batch_size)
+            record["sweep"] = sweep.name
+            with open(out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    return read_results(out)
