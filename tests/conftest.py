@@ -66,7 +66,8 @@ def small_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from longattn.evals.passkey import GRASS, NEEDLE, PREAMBLE, QUESTION
+    from longattn.evals.tasks.passkey import NEEDLE, PREAMBLE, QUESTION
+    from longattn.evals.tasks.base import GRASS
 
     text = [PREAMBLE, GRASS, NEEDLE.format(key="12345"), QUESTION,
             "Attention over long contexts costs memory that grows with the sequence. " * 3]

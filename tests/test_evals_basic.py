@@ -5,63 +5,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longattn.evals import make_passkey_sample, score_passkey, sliding_window_perplexity
-from longattn.evals.passkey import NEEDLE, PREAMBLE, QUESTION
+from longattn.evals import generate_answers, make_passkey_sample, score_answers, sliding_window_perplexity
 from conftest import make_model
 
-PROSE = " ".join(f"Sentence number {i} talks about attention, memory and time." for i in range(400))
-
-
-def n_tokens(tok, text):
-    return len(tok(text, add_special_tokens=False)["input_ids"])
-
-
-@pytest.mark.parametrize("filler", [None, PROSE], ids=["grass", "prose"])
-@pytest.mark.parametrize("length", [300, 1000])
-@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
-def test_passkey_length_depth_and_needle(small_tokenizer, filler, length, depth):
-    s = make_passkey_sample(small_tokenizer, length, depth, seed=7, filler_text=filler)
-    assert len(s.input_ids) == length  # exact length control
-    needle = small_tokenizer(NEEDLE.format(key=s.answer), add_special_tokens=False)["input_ids"]
-    assert s.input_ids[s.needle_start:s.needle_start + s.needle_len] == needle  # the needle really is there
-    head, question = n_tokens(small_tokenizer, PREAMBLE), n_tokens(small_tokenizer, QUESTION)
-    n_filler = length - head - len(needle) - question
-    assert s.needle_start - head == round(depth * n_filler)  # ... at the stated depth of the filler
-    assert s.input_ids[-question:] == small_tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    assert len(s.answer) == 5 and s.answer.isdigit()
-
-
-def test_passkey_seeds_reproduce_and_differ(small_tokenizer):
-    a = make_passkey_sample(small_tokenizer, 500, 0.5, seed=3, filler_text=PROSE)
-    b = make_passkey_sample(small_tokenizer, 500, 0.5, seed=3, filler_text=PROSE)
-    c = make_passkey_sample(small_tokenizer, 500, 0.5, seed=4, filler_text=PROSE)
-    assert a == b and a.input_ids != c.input_ids
-
-
 def test_passkey_bad_input(small_tokenizer):
-    with pytest.raises(ValueError, match="depth must be in"):
+    with pytest.raises(ValueError, match="depth in"):
         make_passkey_sample(small_tokenizer, 500, 1.5, seed=0)
     with pytest.raises(ValueError, match="too short"):
         make_passkey_sample(small_tokenizer, 10, 0.5, seed=0)
-    with pytest.raises(ValueError, match="filler text has"):
+    with pytest.raises(ValueError, match="filler text 'text' has"):
         make_passkey_sample(small_tokenizer, 500, 0.5, seed=0, filler_text="too short")
 
 
-def test_score_passkey_counts_exact_answers(small_tokenizer):
-    """A stand-in model that always emits a fixed number: right exactly when that number is the key."""
-    samples = [make_passkey_sample(small_tokenizer, 200, d, seed=i) for i, d in enumerate((0.1, 0.5, 0.9))]
-    digits = small_tokenizer(" " + samples[1].answer, add_special_tokens=False)["input_ids"]
+def test_generate_and_score_pipeline(small_tokenizer):
+    """A stand-in model that always emits one fixed number: right exactly when that number is the key, and
+    generate_answers hands each prompt's own continuation to the scorer (left padding, batching)."""
+    samples = [make_passkey_sample(small_tokenizer, n, d, seed=i) for i, (n, d) in
+               enumerate(((200, 0.1), (180, 0.5), (200, 0.9)))]
+    digits = small_tokenizer(" " + samples[1].answers[0], add_special_tokens=False)["input_ids"]
 
     class Emit(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(1))
 
-        def generate(self, input_ids, max_new_tokens, **kw):
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+            assert attention_mask[:, -1].all()  # left padding: every prompt ends at the last column
             tail = torch.tensor(digits + [0] * (max_new_tokens - len(digits)))
-            return torch.cat([input_ids, tail.expand(input_ids.shape[0], -1)], 1)
+            from types import SimpleNamespace
+            return SimpleNamespace(sequences=torch.cat([input_ids, tail.expand(input_ids.shape[0], -1)], 1),
+                                   cache=None)
 
-    assert score_passkey(Emit(), small_tokenizer, samples, batch_size=2) == [False, True, False]
+    stats = {}
+    answers = generate_answers(Emit(), small_tokenizer, samples, batch_size=2, stats=stats)
+    assert [s["first_number_match"] for s in score_answers(samples, answers)] == [0.0, 1.0, 0.0]
+    assert stats["prompt_tokens"] == 580 and stats["kv_cache_bytes"] == 0
 
 
 def explicit_perplexity(model, ids, context, stride):

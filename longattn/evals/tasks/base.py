@@ -82,10 +82,10 @@ def load_filler(spec: str | None, cache=None) -> Filler:
 
 
 def build_haystack(tokenizer, length: int, head: list[int], inserts: list[list[int]], depths: list[float],
-                   tail: list[int], filler: Filler, rng: random.Random) -> tuple[list[int], list[int]]:
+                   tail: list[int], filler: Filler, rng: random.Random) -> tuple[list[int], list[int], int]:
     """head + filler with `inserts` at `depths` (fractions of the filler) + tail, exactly `length` tokens.
 
-    Returns the ids and the start index of each insert, in the order given.
+    Returns the ids, the start index of each insert (in the order given) and the number of filler tokens.
     """
     if len(inserts) != len(depths) or any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"need one depth in [0, 1] per insert, got {depths}")
@@ -103,7 +103,7 @@ def build_haystack(tokenizer, length: int, head: list[int], inserts: list[list[i
         starts[i] = len(ids)
         ids += inserts[i]
     ids += filler_ids[cursor:] + tail
-    return ids, starts
+    return ids, starts, n_filler
 
 
 def seeded(task: str, seed: int, length: int) -> random.Random:

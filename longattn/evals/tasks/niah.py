@@ -58,8 +58,9 @@ class NeedleInAHaystack(Task):
             query = QUERY_MANY.format(keys=", ".join(keys[i] for i in asked))
             answers = [values[i] for i in asked]
         inserts = [ids_of(tokenizer, NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
-        ids, starts = build_haystack(tokenizer, length, ids_of(tokenizer, HEAD), inserts, depths,
-                                     ids_of(tokenizer, query), filler or Filler(), rng)
+        head = ids_of(tokenizer, HEAD)
+        ids, starts, n_filler = build_haystack(tokenizer, length, head, inserts, depths,
+                                               ids_of(tokenizer, query), filler or Filler(), rng)
         return TaskSample(self.task_name, ids, answers, self.metrics, (self.digits + 3) * len(answers),
                           {"depths": depths, "needle_spans": [(s, len(i)) for s, i in zip(starts, inserts)],
-                           "keys": keys})
+                           "keys": keys, "head_tokens": len(head), "filler_tokens": n_filler})

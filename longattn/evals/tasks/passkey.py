@@ -28,10 +28,12 @@ class Passkey(Task):
         depth = rng.random() if depth is None else depth
         key = str(rng.randint(10 ** (self.digits - 1), 10 ** self.digits - 1))
         needle = ids_of(tokenizer, NEEDLE.format(key=key))
-        ids, (start,) = build_haystack(tokenizer, length, ids_of(tokenizer, PREAMBLE), [needle], [depth],
-                                       ids_of(tokenizer, QUESTION), filler or Filler(), rng)
+        head = ids_of(tokenizer, PREAMBLE)
+        ids, (start,), n_filler = build_haystack(tokenizer, length, head, [needle], [depth],
+                                                 ids_of(tokenizer, QUESTION), filler or Filler(), rng)
         return TaskSample(self.name, ids, [key], self.metrics, self.digits + 3,
-                          {"depths": [depth], "needle_spans": [(start, len(needle))]})
+                          {"depths": [depth], "needle_spans": [(start, len(needle))], "head_tokens": len(head),
+                           "filler_tokens": n_filler})
 
 
 def make_passkey_sample(tokenizer, length: int, depth: float, seed: int, filler_text: str | None = None,

@@ -39,6 +39,8 @@ class VariableTracking(Task):
             values.add(value)
             # Assignments appear in chain order: depth grows along the chain.
             chain_depths = sorted(rng.random() for _ in chain)
+            if c == 0 and depth is not None:  # the asked chain starts at the requested depth
+                chain_depths = [depth] + sorted(depth + (1 - depth) * rng.random() for _ in chain[1:])
             for i, var in enumerate(chain):
                 rhs = value if i == 0 else f"VAR {chain[i - 1]}"
                 inserts.append(ids_of(tokenizer, f" VAR {var} = {rhs}."))
@@ -46,7 +48,9 @@ class VariableTracking(Task):
             if c == 0:
                 first_chain, asked_value = chain, value
         tail = ids_of(tokenizer, QUESTION.format(value=asked_value, n=len(first_chain)))
-        ids, starts = build_haystack(tokenizer, length, ids_of(tokenizer, HEAD), inserts, depths, tail,
-                                     filler or Filler(), rng)
+        head = ids_of(tokenizer, HEAD)
+        ids, starts, n_filler = build_haystack(tokenizer, length, head, inserts, depths, tail, filler or Filler(),
+                                               rng)
         return TaskSample(self.name, ids, list(first_chain), self.metrics, 8 * len(first_chain),
-                          {"depths": depths, "needle_spans": [(s, len(i)) for s, i in zip(starts, inserts)]})
+                          {"depths": depths, "needle_spans": [(s, len(i)) for s, i in zip(starts, inserts)],
+                           "head_tokens": len(head), "filler_tokens": n_filler})

@@ -1,0 +1,143 @@
+"""Sweeps: validation, dry run, a real SIGKILL mid-sweep then resume (no lost or repeated cell), reports."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from longattn.evals.report import markdown_table, write_report
+from longattn.evals.sweep import load_sweep, read_results, run_sweep
+from conftest import make_model
+
+SWEEP = """
+name = "t"
+model = "{model}"
+samples = 2
+batch_size = 2
+lengths = [256, 320]
+tasks = ["passkey", {{ name = "niah_multikey", needles = 2 }}]
+[[methods]]
+method = "dense"
+[[methods]]
+method = "sliding_window"
+grid = {{ window = [16, 32] }}
+[perplexity]
+text = "{text}"
+lengths = [32]
+tokens = 256
+"""
+
+
+@pytest.fixture
+def sweep_setup(tmp_path, small_tokenizer):
+    model = make_model("llama", vocab_size=len(small_tokenizer), max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "model")
+    small_tokenizer.save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Line {i}: attention over long contexts costs memory." for i in range(200)))
+    path = tmp_path / "sweep.toml"
+    path.write_text(SWEEP.format(model=tmp_path / "model", text=text))
+    return path, model, small_tokenizer
+
+
+def test_cells_and_dry_run(sweep_setup, tmp_path, capsys):
+    path, _, _ = sweep_setup
+    sweep = load_sweep(path)
+    assert len(sweep.cells) == 3 * (2 * 2 + 1)  # 3 method configs x (2 tasks x 2 lengths + 1 perplexity)
+    assert len({c.key() for c in sweep.cells}) == len(sweep.cells)
+    run_sweep(sweep, tmp_path / "r.jsonl", dry_run=True)
+    out = capsys.readouterr().out
+    assert "15 cells, 0 done, 15 to run" in out and "[todo] sliding_window {'window': 16} passkey @ 256" in out
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating(sweep_setup, tmp_path):
+    path, _, _ = sweep_setup
+    results = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "longattn.cli", "sweep", str(path), "--out", str(results)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not results.exists() or len(results.read_text().splitlines()) < 3):
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_results(results)
+    assert 3 <= len(before) < 15, "the sweep should have been killed part-way"
+    with open(results, "a") as f:
+        f.write('{"cell": "torn')  # as if killed in the middle of writing a line
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    after = read_results(results)
+    keys = [r["cell"] for r in after]
+    assert len(keys) == 15 and len(set(keys)) == 15  # every cell exactly once
+    assert after[:len(before)] == before  # finished cells were kept, not redone
+    assert {c.key() for c in load_sweep(path).cells} == set(keys)
+
+
+def test_records_and_report(sweep_setup, tmp_path):
+    path, model, tok = sweep_setup
+    sweep = load_sweep(path)
+    sweep.cells = [c for c in sweep.cells if c.length in (320, 32)]
+    records = run_sweep(sweep, tmp_path / "r.jsonl", model_and_tokenizer=(model, tok, "tiny"), progress=False)
+    assert len(records) == 9
+    for r in records:
+        for key in ("score", "density", "wall_s", "tokens_per_s", "peak_mem_bytes", "method", "params", "length",
+                    "phase", "model", "seed", "versions"):
+            assert key in r, key
+    dense = next(r for r in records if r["method"] == "dense" and r["kind"] == "task")
+    window = next(r for r in records if r["params"].get("window") == 16 and r["kind"] == "task")
+    assert dense["density_prefill"] == 1.0
+    # window 16 over 320 causal positions: (16 * 320 - 16 * 15 / 2) / (320 * 321 / 2)
+    assert window["density_prefill"] == pytest.approx((16 * 320 - 120) / (320 * 321 / 2))
+    assert dense["kv_cache_bytes"] > 0 and dense["versions"]["torch"]
+    ppl = [r for r in records if r["kind"] == "perplexity"]
+    assert len(ppl) == 3 and all(r["perplexity"] > 1 for r in ppl)
+    table = markdown_table(records)
+    assert "| passkey | 320 | sliding_window(window=16) |" in table and "| perplexity |" in table
+    written = write_report(records, tmp_path / "report", title="t")
+    assert {p.name for p in written} == {"report.md", "score_vs_density.png", "score_vs_length.png",
+                                         "perplexity_vs_length.png"}
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name = 'x'\nbogus = 1\n[[methods]]\nmethod = 'dense'\n", r"unknown field\(s\) \['bogus'\]"),
+    ("name = 'x'\nlengths = [64]\ntasks = ['passkey']\n", r"needs at least one \[\[methods\]\]"),
+    ("lengths = [64]\ntasks = ['passkey']\n[[methods]]\nmethod = 'sliding_window'\ngrid = { window = [0] }\n",
+     r"methods\[0\]: sliding_window: parameter 'window' must be an integer >= 1"),
+    ("lengths = [64]\ntasks = ['passkey']\n[[methods]]\nmethod = 'magic'\n", r"unknown attention method 'magic'"),
+    ("lengths = [64]\ntasks = ['needles']\n[[methods]]\nmethod = 'dense'\n", r"tasks: unknown task 'needles'"),
+    ("tasks = ['passkey']\n[[methods]]\nmethod = 'dense'\n", "tasks need 'lengths'"),
+    ("name = \n", "not valid TOML"),
+])
+def test_bad_sweep_files(tmp_path, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_sweep(path)
+
+
+def test_bad_results_line_is_named(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"cell": "a"}\nnot json\n{"cell": "b"}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:2: not valid JSON"):
+        read_results(path)
+
+
+def test_text_loading_errors(tmp_path):
+    from longattn.evals.texts import load_text
+
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: missing field 'text'"):
+        load_text(str(bad))
+    ok = tmp_path / "t.parquet"
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["one line", "two lines"]}).to_parquet(str(ok))
+    assert load_text(str(ok)) == "one line\n\ntwo lines"
+    with pytest.raises(ValueError, match="unsupported file type"):
+        (tmp_path / "t.csv").write_text("a")
+        load_text(str(tmp_path / "t.csv"))
