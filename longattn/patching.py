@@ -121,8 +121,7 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
         impl = getattr(module, _ORIG_ATTR)
         if isinstance(attention_mask, HFMask):
             if meter is not None:
-                pairs = attention_mask.pair_count(attention_mask.window)
-                meter.add(phase, pairs, attention_mask.pair_count())
+                meter.add(phase, attention_mask.pair_count(), attention_mask.causal_pair_count())
             mask = attention_mask.for_implementation(impl)
         else:
             mask = attention_mask
@@ -142,7 +141,7 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
                       module=module)
     out = method.attend(query, key, value, mask, call)
     if meter is not None:
-        meter.add(phase, method.computed_pairs(mask), mask.pair_count())
+        meter.add(phase, method.computed_pairs(mask), mask.causal_pair_count())
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -33,6 +33,30 @@ def sliding_window(window: int) -> MaskFn:
     return allowed
 
 
+def sinks_and_window(sink_tokens: int, window: int, first_token: torch.Tensor | None = None) -> MaskFn:
+    """Causal attention to the first `sink_tokens` tokens of each sequence plus the `window` most recent.
+
+    `first_token` ([batch] long) is where each sequence really starts (after left padding), so that the
+    sinks are real tokens, not pads.
+    """
+
+    def allowed(b, h, q, k):
+        start = 0 if first_token is None else first_token[b]
+        return (k <= q) & ((q - k < window) | ((k >= start) & (k < start + sink_tokens)))
+
+    return allowed
+
+
+def dilated_window(window: int, dilation: int) -> MaskFn:
+    """Causal attention to `window` keys spaced `dilation` apart, counting back from the query itself."""
+
+    def allowed(b, h, q, k):
+        d = q - k
+        return (d >= 0) & (d % dilation == 0) & (d < window * dilation)
+
+    return allowed
+
+
 def with_padding(fn: MaskFn, padding: torch.Tensor) -> MaskFn:
     """Restrict `fn` to key positions where `padding[b, kv_pos]` is True (absolute kv positions)."""
 
@@ -111,17 +135,32 @@ class AttentionMask:
             padding=self.padding, window=min(windows) if windows else None, is_causal=self.is_causal,
             structured=self.structured and (window is not None or extra is causal), device=self.device)
 
-    def pair_count(self, window: int | None = None) -> int:
-        """Causal (query, key) pairs per sequence, within `window` if given (padding not subtracted).
+    def pair_count(self, window: int | None = None, sink_tokens: int = 0, dilation: int = 1) -> int:
+        """Causal (query, key) pairs per sequence (padding not subtracted) under this mask's own window,
+        optionally restricted to `window` keys spaced `dilation` apart plus positions 0 .. `sink_tokens` - 1.
 
         O(q_len) arithmetic, no mask materialized: the numerator and denominator of attention density.
         """
         q = torch.arange(self.q_len, dtype=torch.long) + self.q_offset
-        lo = torch.full_like(q, self.kv_offset)
-        if window is not None:
-            lo = torch.maximum(lo, q - window + 1)
-        hi = torch.clamp(q, max=self.kv_offset + self.kv_len - 1)
-        return int((hi - lo + 1).clamp_min(0).sum())
+        first = torch.full_like(q, self.kv_offset)
+        if self.window is not None:
+            first = torch.maximum(first, q - self.window + 1)
+        last = torch.clamp(q, max=self.kv_offset + self.kv_len - 1)
+        if window is None:
+            return int((last - first + 1).clamp_min(0).sum())
+        if dilation > 1:  # keys q, q - d, q - 2d, ... that are >= first, at most `window` of them
+            steps = (q - first).div(dilation, rounding_mode="floor") + 1
+            return int(torch.minimum(torch.full_like(q, window), steps).clamp_min(0).sum())
+        lo = torch.maximum(first, q - window + 1)
+        in_window = (last - lo + 1).clamp_min(0)
+        sink_hi = torch.minimum(torch.minimum(last, lo - 1), torch.full_like(q, sink_tokens - 1))
+        sinks = (sink_hi - first + 1).clamp_min(0)
+        return int((in_window + sinks).sum())
+
+    def causal_pair_count(self) -> int:
+        """Pairs of full causal attention over the same positions: the denominator of attention density."""
+        return AttentionMask(self.batch_size, self.q_len, self.kv_len, q_offset=self.q_offset,
+                             kv_offset=self.kv_offset).pair_count()
 
     # -------------------------------------------------------------------------------------- materializers
     def local_fn(self) -> MaskFn:

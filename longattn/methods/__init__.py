@@ -7,10 +7,12 @@ from typing import Any
 
 from .base import AttendCall, AttentionMethod
 from .dense import Dense
+from .dilated import Dilated
+from .sink_window import SinkWindow
 from .sliding_window import SlidingWindow
 
 # name -> spec class; a new method adds one line here.
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (Dense, SlidingWindow)}
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (Dense, Dilated, SinkWindow, SlidingWindow)}
 
 
 @dataclass
@@ -44,4 +46,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "SlidingWindow", "method_infos", "make_method"]
+__all__ = ["AttendCall", "AttentionMethod", "Dense", "Dilated", "METHODS", "MethodInfo", "SinkWindow", "SlidingWindow",
+           "make_method", "method_infos"]

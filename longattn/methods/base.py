@@ -45,7 +45,7 @@ class AttentionMethod:
 
     def computed_pairs(self, mask: AttentionMask) -> int:
         """Query-key pairs this method attends to in one call (per sequence): the density numerator."""
-        return mask.pair_count(mask.window)
+        return mask.pair_count()
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -37,7 +37,7 @@ class SlidingWindow(AttentionMethod):
         check(self.name, "backend", self.backend in BACKENDS, f"one of {list(BACKENDS)}", self.backend)
 
     def computed_pairs(self, mask) -> int:
-        return mask.pair_count(self.window if mask.window is None else min(self.window, mask.window))
+        return mask.pair_count(self.window)
 
     def attend(self, query, key, value, mask, call: AttendCall):
         windowed = mask.restrict(sliding_window(self.window), window=self.window)

@@ -1,0 +1,47 @@
+"""Dilated (strided) 1-D neighborhood attention."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..kernels.dense import BACKENDS, dense_attention
+from ..kernels.masks import dilated_window
+from .base import AttendCall, AttentionMethod, check
+
+
+@dataclass
+class Dilated(AttentionMethod):
+    """Causal neighborhood attention to `window` keys spaced `dilation` apart (Hassani & Shi 2022, Dilated
+    Neighborhood Attention Transformer, arXiv:2209.15001; 1-D causal form as in Longformer's dilated window).
+
+    Parameters
+    ----------
+    window : int
+        Number of keys each query attends to (>= 1), the query itself first.
+    dilation : int
+        Gap between attended keys (>= 1; 1 is a plain sliding window).
+    backend : str
+        Dense kernel that evaluates the mask ("auto", "sdpa", "flex", "math").
+    """
+
+    name = "dilated"
+    paper = "Hassani & Shi 2022, Dilated Neighborhood Attention Transformer (arXiv:2209.15001)"
+    summary = "`window` keys spaced `dilation` apart, causal"
+
+    window: int = 512
+    dilation: int = 2
+    backend: str = "auto"
+
+    def validate(self):
+        for name in ("window", "dilation"):
+            value = getattr(self, name)
+            check(self.name, name, isinstance(value, int) and value >= 1, "an integer >= 1", value)
+        check(self.name, "backend", self.backend in BACKENDS and self.backend != "flash",
+              "one of auto, sdpa, flex, math (flash-attn cannot express dilation)", self.backend)
+
+    def computed_pairs(self, mask) -> int:
+        return mask.pair_count(self.window, dilation=self.dilation)
+
+    def attend(self, query, key, value, mask, call: AttendCall):
+        pattern = mask.restrict(dilated_window(self.window, self.dilation))
+        return dense_attention(query, key, value, pattern, scale=call.scale, softcap=call.softcap,
+                               dropout=call.dropout, backend=self.backend)

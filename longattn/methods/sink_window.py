@@ -1,0 +1,56 @@
+"""Attention sinks plus a sliding window ("A-shape"): the StreamingLLM attention pattern."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.dense import BACKENDS, dense_attention
+from ..kernels.masks import sinks_and_window
+from .base import AttendCall, AttentionMethod, check
+
+
+@dataclass
+class SinkWindow(AttentionMethod):
+    """Each query attends to the first `sink_tokens` tokens and the `window` most recent ones (Xiao et al.
+    2023, Efficient Streaming Language Models with Attention Sinks, arXiv:2309.17453).
+
+    Sinks are the first real tokens of each sequence (left padding is skipped). This is the attention
+    pattern over a full cache; evicting the cache to the same budget is the kvcache "streaming_llm" policy.
+
+    Parameters
+    ----------
+    sink_tokens : int
+        Initial tokens every query keeps attending to (>= 0; 4 in the paper).
+    window : int
+        Most recent positions each query attends to, its own included (>= 1).
+    backend : str
+        Dense kernel that evaluates the mask ("auto", "sdpa", "flex", "math").
+    """
+
+    name = "sink_window"
+    paper = "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
+    summary = "first `sink_tokens` tokens + the `window` most recent (A-shape)"
+
+    sink_tokens: int = 4
+    window: int = 1024
+    backend: str = "auto"
+
+    def validate(self):
+        check(self.name, "sink_tokens", isinstance(self.sink_tokens, int) and self.sink_tokens >= 0,
+              "an integer >= 0", self.sink_tokens)
+        check(self.name, "window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1",
+              self.window)
+        check(self.name, "backend", self.backend in BACKENDS and self.backend != "flash",
+              "one of auto, sdpa, flex, math (flash-attn cannot express sinks)", self.backend)
+
+    def computed_pairs(self, mask) -> int:
+        return mask.pair_count(self.window, sink_tokens=self.sink_tokens)
+
+    def attend(self, query, key, value, mask, call: AttendCall):
+        first = None
+        if mask.padding is not None:  # index of each row's first real token
+            first = mask.padding.to(torch.int64).argmax(dim=-1)
+        pattern = mask.restrict(sinks_and_window(self.sink_tokens, self.window, first))
+        return dense_attention(query, key, value, pattern, scale=call.scale, softcap=call.softcap,
+                               dropout=call.dropout, backend=self.backend)

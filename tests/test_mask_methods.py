@@ -1,0 +1,141 @@
+"""Mask-defined sparse methods (sliding window, sinks + window, dilated): each equals dense attention with
+the explicit boolean mask it claims, in prefill and decode, and reports the density it computed."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+import longattn
+from longattn.kernels import AttentionMask, dense_attention
+from longattn.methods import AttendCall, Dilated, SinkWindow, SlidingWindow
+from conftest import left_padded_batch, make_model
+
+
+def claimed(method, q, k, first_real):
+    """The pattern each method claims, for absolute positions q (query) and k (key), written plainly."""
+    if k > q:
+        return False
+    if isinstance(method, SlidingWindow):
+        return q - k < method.window
+    if isinstance(method, SinkWindow):
+        return q - k < method.window or first_real <= k < first_real + method.sink_tokens
+    if isinstance(method, Dilated):
+        return (q - k) % method.dilation == 0 and (q - k) // method.dilation < method.window
+    raise AssertionError(method)
+
+
+def explicit_mask(method, attention_mask, q_len=None, model_window=None):
+    b, s = attention_mask.shape
+    q_len = s if q_len is None else q_len
+    out = torch.zeros(b, 1, q_len, s, dtype=torch.bool)
+    for bi in range(b):
+        first_real = int(attention_mask[bi].nonzero()[0])
+        for qi in range(q_len):
+            qa = s - q_len + qi
+            for k in range(s):
+                out[bi, 0, qi, k] = (claimed(method, qa, k, first_real) and bool(attention_mask[bi, k])
+                                     and (model_window is None or qa - k < model_window))
+    return out
+
+
+METHODS = [SlidingWindow(window=5), SinkWindow(sink_tokens=2, window=4), SinkWindow(sink_tokens=0, window=3),
+           Dilated(window=4, dilation=3), Dilated(window=30, dilation=2)]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+@pytest.mark.parametrize("backend", ["sdpa", "math", "flex"])
+def test_kernel_level_equals_explicit_mask(method, backend):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 23, 16, generator=g) * 2 for h in (4, 2, 2))
+    pad = torch.ones(2, 23, dtype=torch.bool)
+    pad[1, :4] = False
+    allowed = explicit_mask(method, pad)
+    ref = dense_attention(q, k, v, AttentionMask.from_tensor(allowed), scale=0.25, backend="math")
+    method = type(method)(**{**method.params(), "backend": backend})
+    got = method.attend(q, k, v, AttentionMask.causal(23, batch_size=2, padding=pad), AttendCall(scale=0.25))
+    rows = allowed.any(-1, keepdim=True)
+    torch.testing.assert_close(got * rows, ref * rows, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+@pytest.mark.parametrize("arch, model_window", [("llama", None), ("mistral", 8)])
+def test_model_logits_equal_explicit_4d_mask(method, arch, model_window):
+    model = make_model(arch)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=explicit_mask(method, mask, model_window=model_window)).logits
+        longattn.patch(model, method)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_decode_token_by_token_equals_prefill(method):
+    model = make_model("qwen3")
+    ids, _ = left_padded_batch()
+    ids = ids[:1]
+    longattn.patch(model, method)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache, steps = DynamicCache(config=model.config), []
+        for t in range(ids.shape[1]):
+            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS + [longattn.Dense()], ids=repr)
+@pytest.mark.parametrize("q_len, kv_len, model_window", [(23, 23, None), (1, 40, None), (7, 30, None),
+                                                         (23, 23, 6), (1, 40, 6)])
+def test_computed_pairs_match_the_explicit_mask(method, q_len, kv_len, model_window):
+    from longattn.kernels.masks import sliding_window
+
+    mask = AttentionMask.causal(q_len, kv_len)
+    if model_window is not None:
+        mask = mask.restrict(sliding_window(model_window), window=model_window)
+    explicit = explicit_mask(method, torch.ones(1, kv_len, dtype=torch.long), q_len, model_window) \
+        if not isinstance(method, longattn.Dense) else mask.materialize()
+    assert method.computed_pairs(mask) == int(explicit.sum())
+    assert mask.causal_pair_count() == int(AttentionMask.causal(q_len, kv_len).materialize().sum())
+
+
+def test_density_meter_reports_prefill_and_decode():
+    model = make_model("llama")
+    ids, _ = left_padded_batch()
+    longattn.patch(model, "sliding_window", window=4, layers=[1, 2])
+    with torch.no_grad():
+        model.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    meter = longattn.patch_state(model).meter
+    s = ids.shape[1]
+    causal, windowed = s * (s + 1) // 2, 4 * s - 6
+    assert meter.density("prefill") == pytest.approx((causal + 2 * windowed) / (3 * causal))
+    # decode steps at kv lengths s+1, s+2: dense layer 0 attends all, windowed layers 4 each
+    assert meter.density("decode") == pytest.approx(((s + 1) + (s + 2) + 2 * 2 * 4) / (3 * ((s + 1) + (s + 2))))
+
+
+@pytest.mark.parametrize("cls, params, message", [
+    (SinkWindow, {"sink_tokens": -1}, r"'sink_tokens' must be an integer >= 0"),
+    (SinkWindow, {"window": 0}, r"'window' must be an integer >= 1"),
+    (SinkWindow, {"backend": "flash"}, r"flash-attn cannot express sinks"),
+    (Dilated, {"dilation": 0}, r"'dilation' must be an integer >= 1"),
+    (Dilated, {"window": 1.5}, r"'window' must be an integer >= 1"),
+])
+def test_bad_parameters(cls, params, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**params)
+
+
+def test_window_differs_from_dense():
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        with longattn.patched(model, "sliding_window", window=3):
+            local = model(input_ids=ids, attention_mask=mask).logits
+    assert (dense[0, 3:] - local[0, 3:]).abs().max() > 1e-2  # a window of 3 really drops context
+    torch.testing.assert_close(dense[0, :3], local[0, :3], atol=1e-5, rtol=0)  # ... and nothing before it
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_bad_window(bad):
+    with pytest.raises(ValueError, match=r"sliding_window: parameter 'window' must be an integer >= 1"):
+        SlidingWindow(window=bad)
