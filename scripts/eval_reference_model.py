@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +20,7 @@ import torch
 
 import longattn
 from longattn.evals import generate_answers, make_passkey_sample, score_answers, sliding_window_perplexity
-from longattn.evals.corpora import DEFAULT_CACHE, python_doc_prose
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_reference_model import ensure_linux_doc, split_corpus  # noqa: E402  (same held-out split)
+from longattn.evals.corpora import DEFAULT_CACHE, linux_doc_heldout, python_doc_prose
 
 
 def passkey_accuracy(model, tok, length: int, trials: int, filler: str | None, seed: int = 0) -> float:
@@ -52,8 +48,7 @@ def main(argv=None):
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
-    _, heldout_path = split_corpus(ensure_linux_doc(args.cache), args.cache)
-    texts = {"linux-doc held-out": heldout_path.read_text(), "python-doc prose": python_doc_prose(args.cache)}
+    texts = {"linux-doc held-out": linux_doc_heldout(args.cache), "python-doc prose": python_doc_prose(args.cache)}
     report = {"model": str(args.model), "parameters": sum(p.numel() for p in model.parameters()),
               "perplexity": {}, "passkey": {}, "trials": args.trials}
 

@@ -19,15 +19,11 @@ Retrieval accuracy sits at exactly 0 for ~1,100 steps and then jumps; do not sto
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 import math
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -37,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from longattn.evals.corpora import linux_doc_split
 
 EOS = "<|endoftext|>"
 HELDOUT_EVERY = 50  # one rst file in 50 (by path hash) never enters training: the held-out perplexity text
@@ -69,36 +67,12 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------- corpus
-def ensure_linux_doc(cache: Path) -> Path:
-    """Download and unpack Debian's linux-doc-6.1 (apt-get download needs no root, only the package index)."""
-    root = cache / "linux-doc"
-    docs = next(root.glob("usr/share/doc/linux-doc-*/Documentation"), None) if root.exists() else None
-    if docs is not None:
-        return docs
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["apt-get", "download", "linux-doc-6.1"]
-        res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (run `apt-get update` first?):\n{res.stderr}")
-        deb = next(Path(tmp).glob("linux-doc-*.deb"))
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-        (root / "SOURCE").write_text(deb.name + "\n")
-    return next(root.glob("usr/share/doc/linux-doc-*/Documentation"))
-
-
-def split_corpus(docs: Path, cache: Path) -> tuple[Path, Path]:
-    """Write train.txt and heldout.txt from the Documentation/**/*.rst(.gz) files, split by path hash."""
+def split_corpus(cache: Path) -> tuple[Path, Path]:
+    """Write train.txt and heldout.txt (documents joined by EOS lines) from linux-doc's rst files."""
     train_path, heldout_path = cache / "train.txt", cache / "heldout.txt"
     if train_path.exists() and heldout_path.exists():
         return train_path, heldout_path
-    files = sorted(p for p in docs.rglob("*") if p.name.endswith((".rst", ".rst.gz")))
-    train, heldout = [], []
-    for p in files:
-        rel = str(p.relative_to(docs))
-        text = (gzip.open(p, "rt", errors="replace") if p.name.endswith(".gz") else open(p, errors="replace")).read()
-        bucket = int(hashlib.sha1(rel.encode()).hexdigest(), 16) % HELDOUT_EVERY
-        (heldout if bucket == 0 else train).append(text.strip())
+    train, heldout = linux_doc_split(cache, HELDOUT_EVERY)
     train_path.write_text(f"\n{EOS}\n".join(train))
     heldout_path.write_text(f"\n{EOS}\n".join(heldout))
     return train_path, heldout_path
@@ -378,8 +352,7 @@ def main(argv=None):
     args.cache.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
-    docs = ensure_linux_doc(args.cache)
-    train_path, _ = split_corpus(docs, args.cache)
+    train_path, _ = split_corpus(args.cache)
     tok = train_tokenizer(train_path, cfg.vocab_size, args.out)
     corpus = encode_corpus(tok, train_path, args.out / "train_tokens.npy")
     words = key_words(train_path.read_text())

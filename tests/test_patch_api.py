@@ -182,3 +182,15 @@ def test_cli_help_and_methods(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "methods" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", longattn.recipe_names())
+def test_every_shipped_recipe_patches_a_model(recipe):
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
+    with longattn.patched(model, recipe):
+        state = longattn.patch_state(model)
+        assert state.method.name == longattn.load_recipe(
+            __import__("longattn.recipes", fromlist=["x"]).recipe_paths()[recipe]).method
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(out[mask.bool()]).all()

@@ -1,5 +1,4 @@
 """Sweeps: validation, dry run, a real SIGKILL mid-sweep then resume (no lost or repeated cell), reports."""
-import json
 import signal
 import subprocess
 import sys

@@ -6,7 +6,6 @@ import pytest
 from longattn.evals import make_task
 from longattn.evals.metrics import exact_match, f1, first_number_match, string_match_all
 from longattn.evals.tasks import Filler, build_haystack, load_longbench_jsonl
-from longattn.evals.tasks.base import ids_of
 
 PROSE = " ".join(f"Line {i} of a long essay about attention, memory and time." for i in range(600))
 SYNTHETIC = ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking",

@@ -45,13 +45,21 @@ def python_doc_prose(cache: Path = DEFAULT_CACHE, sections=("tutorial", "howto",
     return "\n\n".join(read_text_file(p).strip() for p in files)
 
 
-def linux_doc_heldout(cache: Path = DEFAULT_CACHE, every: int = 50) -> str:
-    """The linux-doc-6.1 rst files that the reference model's training held out (1 in `every`, by path hash)."""
+def linux_doc_split(cache: Path = DEFAULT_CACHE, every: int = 50) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of linux-doc-6.1's Documentation/**/*.rst: one file in `every`, chosen by
+    the SHA-1 of its relative path, is held out (the reference model never trained on it)."""
     import hashlib
 
     root = debian_package_root("linux-doc-6.1", cache)
     docs = next(root.glob("usr/share/doc/linux-doc-*/Documentation"))
     files = sorted(p for p in docs.rglob("*") if p.name.endswith((".rst", ".rst.gz")))
-    held = [p for p in files
-            if int(hashlib.sha1(str(p.relative_to(docs)).encode()).hexdigest(), 16) % every == 0]
-    return "\n\n".join(read_text_file(p).strip() for p in held)
+    train, held = [], []
+    for p in files:
+        bucket = int(hashlib.sha1(str(p.relative_to(docs)).encode()).hexdigest(), 16) % every
+        (held if bucket == 0 else train).append(read_text_file(p).strip())
+    return train, held
+
+
+def linux_doc_heldout(cache: Path = DEFAULT_CACHE) -> str:
+    """The linux-doc files held out of the reference model's training, joined by blank lines."""
+    return "\n\n".join(linux_doc_split(cache)[1])

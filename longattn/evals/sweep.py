@@ -64,9 +64,6 @@ def _err(path, msg):
 
 def load_sweep(path) -> Sweep:
     """Parse and validate a sweep file into its cells (errors name the file and the offending entry)."""
-    from ..methods import make_method
-    from .tasks import make_task
-
     path = Path(path)
     try:
         cfg = tomllib.loads(path.read_text())

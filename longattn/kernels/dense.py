@@ -122,10 +122,10 @@ def _compiled_flex():
 
 
 def _flex(q, k, v, mask: AttentionMask, *, scale, softcap, dropout, return_lse):
-    score_mod = None
-    if softcap is not None:
-        def score_mod(score, b, h, qi, ki):
-            return softcap * torch.tanh(score / softcap)
+    def softcapped(score, b, h, qi, ki):
+        return softcap * torch.tanh(score / softcap)
+
+    score_mod = softcapped if softcap is not None else None
     groups = q.shape[1] // k.shape[1]
     block_mask = mask.block_mask()
     fn = _compiled_flex() if q.shape[2] > 1 else _eager_flex()
