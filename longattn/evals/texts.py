@@ -48,15 +48,8 @@ def load_text(spec: str, field: str = "text", split: str = "train") -> str:
 
 def _validate_jsonl(path: Path, field: str) -> None:
     """datasets' JSON errors do not name the line; check each line first so the error does."""
-    import json
+    from .jsonl import iter_jsonl
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or field not in rec:
-                raise ValueError(f"{path}:{lineno}: missing field {field!r}")
+    for lineno, rec in iter_jsonl(path):
+        if field not in rec:
+            raise ValueError(f"{path}:{lineno}: missing field {field!r}")

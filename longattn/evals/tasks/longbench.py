@@ -6,10 +6,10 @@ the end of the context-plus-question.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..jsonl import iter_jsonl
 from .base import Task, TaskSample, ids_of
 
 TEMPLATE = "{context}\n\nAnswer the question based on the text above.\n\nQuestion: {input}\nAnswer:"
@@ -17,21 +17,8 @@ TEMPLATE = "{context}\n\nAnswer the question based on the text above.\n\nQuestio
 
 def load_longbench_jsonl(path) -> list[dict]:
     """Read and validate a LongBench-style JSONL file; errors name the file and line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
     records = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+    for lineno, rec in iter_jsonl(path):
         for key in ("context", "input", "answers"):
             if key not in rec:
                 raise ValueError(f"{path}:{lineno}: missing field {key!r} (need context, input, answers)")
@@ -42,7 +29,7 @@ def load_longbench_jsonl(path) -> list[dict]:
             raise ValueError(f"{path}:{lineno}: 'context' and 'input' must be strings")
         records.append(rec)
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{Path(path)}: no records")
     return records
 
 
