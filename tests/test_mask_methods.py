@@ -41,9 +41,18 @@ METHODS = [SlidingWindow(window=5), SinkWindow(sink_tokens=2, window=4), SinkWin
            Dilated(window=4, dilation=3), Dilated(window=30, dilation=2)]
 
 
+@pytest.fixture(params=[128, 4], ids=["block128", "block4"])
+def gather_block(request, monkeypatch):
+    """Run the gathered kernel with its real tile size and with tiny tiles (many blocks, partial last block)."""
+    import longattn.kernels.gathered as gathered
+
+    monkeypatch.setattr(gathered, "GATHER_BLOCK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-@pytest.mark.parametrize("backend", ["sdpa", "math", "flex"])
-def test_kernel_level_equals_explicit_mask(method, backend):
+@pytest.mark.parametrize("backend", ["sdpa", "math", "flex", "gathered", "auto"])
+def test_kernel_level_equals_explicit_mask(method, backend, gather_block):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 23, 16, generator=g) * 2 for h in (4, 2, 2))
     pad = torch.ones(2, 23, dtype=torch.bool)
@@ -70,11 +79,12 @@ def test_model_logits_equal_explicit_4d_mask(method, arch, model_window):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_decode_token_by_token_equals_prefill(method):
+@pytest.mark.parametrize("backend", ["sdpa", "gathered"])
+def test_decode_token_by_token_equals_prefill(method, backend, gather_block):
     model = make_model("qwen3")
     ids, _ = left_padded_batch()
     ids = ids[:1]
-    longattn.patch(model, method)
+    longattn.patch(model, type(method)(**{**method.params(), "backend": backend}))
     with torch.no_grad():
         full = model(input_ids=ids).logits
         cache, steps = DynamicCache(config=model.config), []
@@ -139,3 +149,54 @@ def test_window_differs_from_dense():
 def test_bad_window(bad):
     with pytest.raises(ValueError, match=r"sliding_window: parameter 'window' must be an integer >= 1"):
         SlidingWindow(window=bad)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_gathered_gradients_and_lse_match_reference(method, gather_block):
+    from longattn.kernels.gathered import gathered_attention, local_key_index
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 29, 16, generator=g) * 2 for h in (4, 2, 2))
+    pad = torch.ones(2, 29, dtype=torch.bool)
+    pad[1, :6] = False
+    allowed = explicit_mask(method, pad)
+    rows = allowed.any(-1, keepdim=True)
+    cot = torch.randn(q.shape, generator=g)
+    grads, lses = [], []
+    for kind in ("reference", "gathered"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if kind == "reference":
+            out, lse = dense_attention(*leaves, AttentionMask.from_tensor(allowed), scale=0.25, backend="math",
+                                       return_lse=True)
+        else:
+            mask = AttentionMask.causal(29, batch_size=2, padding=pad)
+            first = pad.long().argmax(-1)
+            from longattn.kernels.masks import dilated_window, sinks_and_window, sliding_window
+            fn = {SlidingWindow: lambda m: sliding_window(m.window),
+                  SinkWindow: lambda m: sinks_and_window(m.sink_tokens, m.window, first),
+                  Dilated: lambda m: dilated_window(m.window, m.dilation)}[type(method)](method)
+            pattern = mask.restrict(fn)
+            span = method.window * getattr(method, "dilation", 1)
+            sinks = (0, int(first.max()) + method.sink_tokens - 1) if isinstance(method, SinkWindow) else None
+            index = local_key_index(pattern, gather_block, span, sinks)
+            out, lse = gathered_attention(*leaves, pattern, index, block_size=gather_block, scale=0.25,
+                                          return_lse=True)
+        (out * rows * cot).sum().backward()
+        grads.append([t.grad for t in leaves])
+        lses.append(lse)
+    for g_ref, g_got in zip(*grads):
+        torch.testing.assert_close(g_got, g_ref, atol=1e-5, rtol=0)
+    r = rows[..., 0].expand_as(lses[0])
+    torch.testing.assert_close(lses[1][r], lses[0][r], atol=1e-5, rtol=0)
+    assert torch.isneginf(lses[1][~r]).all()
+
+
+def test_gathered_never_builds_a_full_score_matrix():
+    """At 4096 tokens with a 64-token window, the index holds at most block + window keys per query block."""
+    from longattn.kernels.gathered import local_key_index
+
+    mask = AttentionMask.causal(4096)
+    index = local_key_index(mask, 128, 64)
+    assert index.shape == (32, 128 + 64 - 1)
+    sink_index = local_key_index(mask, 128, 64, (0, 3))
+    assert sink_index.shape == (32, 4 + 128 + 64 - 1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kernels.dense import BACKENDS, dense_attention
+from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import dilated_window
 from .base import AttendCall, AttentionMethod, check
 
@@ -20,7 +20,8 @@ class Dilated(AttentionMethod):
     dilation : int
         Gap between attended keys (>= 1; 1 is a plain sliding window).
     backend : str
-        Dense kernel that evaluates the mask ("auto", "sdpa", "flex", "math").
+        "gathered" (gathers only the keys in reach: work ~ S x window), a dense kernel with the pattern as a
+        mask ("sdpa", "flex", "math"), or "auto" (gathered when that skips at least half of the keys).
     """
 
     name = "dilated"
@@ -35,13 +36,13 @@ class Dilated(AttentionMethod):
         for name in ("window", "dilation"):
             value = getattr(self, name)
             check(self.name, name, isinstance(value, int) and value >= 1, "an integer >= 1", value)
-        check(self.name, "backend", self.backend in BACKENDS and self.backend != "flash",
-              "one of auto, sdpa, flex, math (flash-attn cannot express dilation)", self.backend)
+        check(self.name, "backend", self.backend in LOCAL_BACKENDS and self.backend != "flash",
+              "one of auto, gathered, sdpa, flex, math (flash-attn cannot express dilation)", self.backend)
 
     def computed_pairs(self, mask) -> int:
         return mask.pair_count(self.window, dilation=self.dilation)
 
     def attend(self, query, key, value, mask, call: AttendCall):
         pattern = mask.restrict(dilated_window(self.window, self.dilation))
-        return dense_attention(query, key, value, pattern, scale=call.scale, softcap=call.softcap,
-                               dropout=call.dropout, backend=self.backend)
+        return local_attention(query, key, value, pattern, span=self.window * self.dilation,
+                               backend=self.backend, scale=call.scale, softcap=call.softcap, dropout=call.dropout)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.dense import BACKENDS, dense_attention
+from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import sinks_and_window
 from .base import AttendCall, AttentionMethod, check
 
@@ -25,7 +25,8 @@ class SinkWindow(AttentionMethod):
     window : int
         Most recent positions each query attends to, its own included (>= 1).
     backend : str
-        Dense kernel that evaluates the mask ("auto", "sdpa", "flex", "math").
+        "gathered" (gathers only the keys in reach: work ~ S x window), a dense kernel with the pattern as a
+        mask ("sdpa", "flex", "math"), or "auto" (gathered when that skips at least half of the keys).
     """
 
     name = "sink_window"
@@ -41,8 +42,8 @@ class SinkWindow(AttentionMethod):
               "an integer >= 0", self.sink_tokens)
         check(self.name, "window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1",
               self.window)
-        check(self.name, "backend", self.backend in BACKENDS and self.backend != "flash",
-              "one of auto, sdpa, flex, math (flash-attn cannot express sinks)", self.backend)
+        check(self.name, "backend", self.backend in LOCAL_BACKENDS and self.backend != "flash",
+              "one of auto, gathered, sdpa, flex, math (flash-attn cannot express sinks)", self.backend)
 
     def computed_pairs(self, mask) -> int:
         return mask.pair_count(self.window, sink_tokens=self.sink_tokens)
@@ -52,5 +53,6 @@ class SinkWindow(AttentionMethod):
         if mask.padding is not None:  # index of each row's first real token
             first = mask.padding.to(torch.int64).argmax(dim=-1)
         pattern = mask.restrict(sinks_and_window(self.sink_tokens, self.window, first))
-        return dense_attention(query, key, value, pattern, scale=call.scale, softcap=call.softcap,
-                               dropout=call.dropout, backend=self.backend)
+        return local_attention(query, key, value, pattern, span=self.window, sinks=self.sink_tokens,
+                               first_token=first, backend=self.backend, scale=call.scale, softcap=call.softcap,
+                               dropout=call.dropout)

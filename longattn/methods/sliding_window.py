@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kernels.dense import BACKENDS, dense_attention
+from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import sliding_window
 from .base import AttendCall, AttentionMethod, check
 
@@ -20,8 +20,8 @@ class SlidingWindow(AttentionMethod):
     window : int
         Number of most recent positions each query attends to, its own included (>= 1).
     backend : str
-        Dense kernel that evaluates the windowed mask: "auto", "sdpa", "flex" (skips masked blocks), "flash",
-        or "math".
+        "gathered" (gathers only the keys in reach: work ~ S x window), a dense kernel with the pattern as a
+        mask ("sdpa", "flex", "flash", "math"), or "auto" (gathered when that skips at least half the keys).
     """
 
     name = "sliding_window"
@@ -34,12 +34,13 @@ class SlidingWindow(AttentionMethod):
     def validate(self):
         check(self.name, "window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1",
               self.window)
-        check(self.name, "backend", self.backend in BACKENDS, f"one of {list(BACKENDS)}", self.backend)
+        check(self.name, "backend", self.backend in LOCAL_BACKENDS, f"one of {list(LOCAL_BACKENDS)}",
+              self.backend)
 
     def computed_pairs(self, mask) -> int:
         return mask.pair_count(self.window)
 
     def attend(self, query, key, value, mask, call: AttendCall):
         windowed = mask.restrict(sliding_window(self.window), window=self.window)
-        return dense_attention(query, key, value, windowed, scale=call.scale, softcap=call.softcap,
-                               dropout=call.dropout, backend=self.backend)
+        return local_attention(query, key, value, windowed, span=self.window, backend=self.backend,
+                               scale=call.scale, softcap=call.softcap, dropout=call.dropout)

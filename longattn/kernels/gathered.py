@@ -1,0 +1,129 @@
+"""Gathered-key attention: each block of queries attends only to the keys it was given, gathered into a
+dense tile; the exact mask predicate is applied inside the tile.
+
+Memory and work grow with queries x selected keys (S x window for local patterns), never S x S. Plain
+torch ops (gather, matmul, softmax), so it runs on CPU and CUDA and has a backward pass everywhere (where
+compiled FlexAttention has none on CPU). Query blocks are processed in chunks to bound the working set.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .masks import AttentionMask
+
+
+def local_key_index(mask: AttentionMask, block_size: int, span: int | None, sinks: tuple[int, int] | None = None
+                    ) -> torch.Tensor:
+    """[n_query_blocks, n_selected] local key indices each query block may need (-1 marks unused slots).
+
+    Keys within `span` positions back from any query of the block (all earlier keys when `span` is None) and
+    the absolute positions sinks = (first, last) inclusive. A superset is fine: the exact predicate is applied
+    to every gathered pair.
+    """
+    n_blocks = math.ceil(mask.q_len / block_size)
+    kv_first, kv_last = mask.kv_offset, mask.kv_offset + mask.kv_len - 1
+    starts = torch.arange(n_blocks) * block_size + mask.q_offset  # absolute position of each block's first query
+    ends = torch.clamp(starts + block_size - 1, max=mask.q_offset + mask.q_len - 1)
+    lo = torch.full_like(starts, kv_first) if span is None else torch.clamp(starts - span + 1, min=kv_first)
+    hi = torch.clamp(ends, max=kv_last)
+    width = int((hi - lo + 1).clamp_min(0).max())
+    rng = torch.arange(width)
+    window = lo[:, None] + rng[None, :]
+    window = torch.where(window <= hi[:, None], window, torch.full_like(window, -1))
+    parts = [window]
+    if sinks is not None:
+        s_lo, s_hi = max(sinks[0], kv_first), min(sinks[1], kv_last)
+        if s_hi >= s_lo:
+            sink = torch.arange(s_lo, s_hi + 1).expand(n_blocks, -1)
+            # Sink keys already inside a block's window would be gathered twice: keep them only once.
+            sink = torch.where(sink < lo[:, None], sink, torch.full_like(sink, -1))
+            parts.insert(0, sink)
+    index = torch.cat(parts, dim=1)
+    return torch.where(index >= 0, index - mask.kv_offset, index)
+
+
+def gathered_attention(query, key, value, mask: AttentionMask, key_index: torch.Tensor, *, block_size: int,
+                       scale: float, softcap: float | None = None, return_lse: bool = False,
+                       max_tile_elements: int = 1 << 25):
+    """Attention of query blocks over their gathered keys.
+
+    query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (GQA unexpanded); `key_index` from `local_key_index`.
+    Returns output [B, Hq, Q, D] (and LSE [B, Hq, Q] in float32).
+    """
+    b, hq, q_len, d = query.shape
+    hkv = key.shape[1]
+    groups = hq // hkv
+    n_blocks, n_sel = key_index.shape
+    pad = n_blocks * block_size - q_len
+    q = torch.nn.functional.pad(query, (0, 0, 0, pad)) if pad else query
+    q = q.view(b, hkv, groups, n_blocks, block_size, d)
+    key_index = key_index.to(query.device)
+    # Query blocks per chunk, so that one chunk's score tile stays under max_tile_elements.
+    chunk = max(1, max_tile_elements // max(1, b * hq * block_size * n_sel))
+    batch_idx = torch.arange(b, device=query.device).view(b, 1, 1, 1, 1, 1)
+    head_idx = torch.zeros(1, dtype=torch.long, device=query.device).view(1, 1, 1, 1, 1, 1)
+    outs, lses = [], []
+    for c0 in range(0, n_blocks, chunk):
+        idx = key_index[c0:c0 + chunk]  # [c, n_sel]
+        c = idx.shape[0]
+        valid = idx >= 0
+        safe = idx.clamp_min(0)
+        kg = key[:, :, safe].unsqueeze(2)  # [B, Hkv, 1, c, n_sel, D]
+        vg = value[:, :, safe].unsqueeze(2)
+        scores = torch.matmul(q[:, :, :, c0:c0 + c], kg.transpose(-1, -2)) * scale  # [B, Hkv, G, c, bs, n_sel]
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        q_pos = (torch.arange(c0 * block_size, (c0 + c) * block_size, device=query.device)
+                 + mask.q_offset).view(1, 1, 1, c, block_size, 1)
+        real_q = q_pos < mask.q_offset + q_len  # rows past the end pad the last block: they attend nothing
+        q_eval = torch.clamp(q_pos, max=mask.q_offset + q_len - 1)  # (and must not index past the mask's data)
+        k_pos = (safe + mask.kv_offset).view(1, 1, 1, c, 1, n_sel)
+        allowed = mask.fn(batch_idx, head_idx, q_eval, k_pos) & valid.view(1, 1, 1, c, 1, n_sel) & real_q
+        scores = scores.float().masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        # A query with no allowed key keeps LSE -inf and output 0 (clamping avoids inf - inf = nan).
+        probs = torch.exp(scores - lse.clamp_min(-1e30).unsqueeze(-1))
+        outs.append(torch.matmul(probs.to(value.dtype), vg))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).view(b, hq, n_blocks * block_size, d)[:, :, :q_len]
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=3).reshape(b, hq, n_blocks * block_size)[:, :, :q_len]
+    return out, lse
+
+
+GATHER_BLOCK = 128  # queries per gathered tile
+LOCAL_BACKENDS = ("auto", "gathered", "sdpa", "flex", "flash", "math")
+
+
+def local_attention(query, key, value, pattern: AttentionMask, *, span: int | None, sinks: int = 0,
+                    first_token: torch.Tensor | None = None, backend: str = "auto", scale: float,
+                    softcap: float | None = None, dropout: float = 0.0):
+    """Attention under a local pattern (keys within `span` back, plus `sinks` first tokens).
+
+    backend "gathered" gathers only those keys (work and memory ~ S x span); "auto" does so when it skips at
+    least half of the keys, and otherwise uses the dense kernels with the pattern as a mask (sdpa / flex /
+    math, as for dense attention).
+    """
+    from .dense import dense_attention
+
+    if pattern.window is not None:
+        span = pattern.window if span is None else min(span, pattern.window)
+    sink_range = None
+    if sinks:
+        lo = 0 if first_token is None else int(first_token.min())
+        hi = (0 if first_token is None else int(first_token.max())) + sinks - 1
+        sink_range = (lo, hi)
+    if backend in ("auto", "gathered"):
+        index = local_key_index(pattern, GATHER_BLOCK, span, sink_range)
+        worth_it = pattern.q_len >= GATHER_BLOCK and index.shape[1] * 2 <= pattern.kv_len
+        decode_worth_it = pattern.q_len == 1 and index.shape[1] * 2 <= pattern.kv_len
+        if backend == "gathered" or worth_it or decode_worth_it:
+            if dropout:
+                raise ValueError("attention dropout is not supported by the 'gathered' backend")
+            return gathered_attention(query, key, value, pattern, index, block_size=GATHER_BLOCK, scale=scale,
+                                      softcap=softcap)
+    return dense_attention(query, key, value, pattern, scale=scale, softcap=softcap, dropout=dropout,
+                           backend=backend)
