@@ -74,7 +74,6 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ sdpa
 def _sdpa(q, k, v, mask: AttentionMask, *, scale, softcap, dropout, return_lse):
-    groups = q.shape[1] // k.shape[1]
     attn_mask = mask.dense()
     q_len, kv_len = q.shape[2], k.shape[2]
     # None stands for plain causal: SDPA's is_causal is top-left aligned, which is bottom-right when Q == K,
@@ -83,6 +82,14 @@ def _sdpa(q, k, v, mask: AttentionMask, *, scale, softcap, dropout, return_lse):
     is_causal = attn_mask is None and q_len > 1
     if is_causal and kv_len > q_len:
         k, v = k[:, :, :q_len], v[:, :, :q_len]
+    return sdpa_tensors(q, k, v, attn_mask, is_causal=is_causal, scale=scale, dropout=dropout,
+                        return_lse=return_lse)
+
+
+def sdpa_tensors(q, k, v, attn_mask: torch.Tensor | None, *, is_causal: bool, scale: float, dropout: float = 0.0,
+                 return_lse: bool = False):
+    """SDPA on tensors with a boolean mask (True = attend, broadcastable to [..., Q, K]) and GQA heads."""
+    groups = q.shape[-3] // k.shape[-3]
     if not return_lse:
         # Unexpanded GQA when no mask is given (all kernels support it); with a mask, CUDA kernels need
         # expanded heads to avoid the slow math fallback, and the CPU result is the same either way.
@@ -94,15 +101,16 @@ def _sdpa(q, k, v, mask: AttentionMask, *, scale, softcap, dropout, return_lse):
     if dropout:
         raise ValueError("return_lse with attention dropout is not supported")
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    q_len = q.shape[-2]
     bias = None
     if attn_mask is not None:
         bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
     if q.is_cuda:
         if bias is not None:
-            bias = bias.expand(q.shape[0], q.shape[1], q_len, k.shape[2])
+            bias = bias.expand(*q.shape[:-1], k.shape[-2])
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, is_causal, scale=scale)[:2]
-        lse = lse[:, :, :q_len]  # the CUDA kernel pads the LSE's query dimension
+        lse = lse[..., :q_len]  # the CUDA kernel pads the LSE's query dimension
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)

@@ -52,47 +52,57 @@ def gathered_attention(query, key, value, mask: AttentionMask, key_index: torch.
     query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (GQA unexpanded); `key_index` from `local_key_index`.
     Returns output [B, Hq, Q, D] (and LSE [B, Hq, Q] in float32).
     """
+    from .dense import sdpa_tensors
+
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
     groups = hq // hkv
     n_blocks, n_sel = key_index.shape
     pad = n_blocks * block_size - q_len
     q = torch.nn.functional.pad(query, (0, 0, 0, pad)) if pad else query
-    q = q.view(b, hkv, groups, n_blocks, block_size, d)
+    # [B, Hkv, blocks, G, bs, D]: the query heads sharing a KV head sit together (GQA stays unexpanded).
+    q = q.view(b, hkv, groups, n_blocks, block_size, d).transpose(2, 3)
     key_index = key_index.to(query.device)
     # Query blocks per chunk, so that one chunk's score tile stays under max_tile_elements.
     chunk = max(1, max_tile_elements // max(1, b * hq * block_size * n_sel))
-    batch_idx = torch.arange(b, device=query.device).view(b, 1, 1, 1, 1, 1)
-    head_idx = torch.zeros(1, dtype=torch.long, device=query.device).view(1, 1, 1, 1, 1, 1)
+    batch_idx = torch.arange(b, device=query.device).view(b, 1, 1, 1)
+    head_idx = torch.zeros(1, dtype=torch.long, device=query.device).view(1, 1, 1, 1)
     outs, lses = [], []
     for c0 in range(0, n_blocks, chunk):
         idx = key_index[c0:c0 + chunk]  # [c, n_sel]
         c = idx.shape[0]
-        valid = idx >= 0
         safe = idx.clamp_min(0)
-        kg = key[:, :, safe].unsqueeze(2)  # [B, Hkv, 1, c, n_sel, D]
-        vg = value[:, :, safe].unsqueeze(2)
-        scores = torch.matmul(q[:, :, :, c0:c0 + c], kg.transpose(-1, -2)) * scale  # [B, Hkv, G, c, bs, n_sel]
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
+        kg = key[:, :, safe].reshape(b * hkv * c, 1, n_sel, d)
+        vg = value[:, :, safe].reshape(b * hkv * c, 1, n_sel, d)
+        qc = q[:, :, c0:c0 + c].reshape(b * hkv * c, groups, block_size, d)
         q_pos = (torch.arange(c0 * block_size, (c0 + c) * block_size, device=query.device)
-                 + mask.q_offset).view(1, 1, 1, c, block_size, 1)
+                 + mask.q_offset).view(1, c, block_size, 1)
         real_q = q_pos < mask.q_offset + q_len  # rows past the end pad the last block: they attend nothing
         q_eval = torch.clamp(q_pos, max=mask.q_offset + q_len - 1)  # (and must not index past the mask's data)
-        k_pos = (safe + mask.kv_offset).view(1, 1, 1, c, 1, n_sel)
-        allowed = mask.fn(batch_idx, head_idx, q_eval, k_pos) & valid.view(1, 1, 1, c, 1, n_sel) & real_q
-        scores = scores.float().masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        # A query with no allowed key keeps LSE -inf and output 0 (clamping avoids inf - inf = nan).
-        probs = torch.exp(scores - lse.clamp_min(-1e30).unsqueeze(-1))
-        outs.append(torch.matmul(probs.to(value.dtype), vg))
-        lses.append(lse)
-    out = torch.cat(outs, dim=3).view(b, hq, n_blocks * block_size, d)[:, :, :q_len]
+        k_pos = (safe + mask.kv_offset).view(1, c, 1, n_sel)
+        allowed = mask.fn(batch_idx, head_idx, q_eval, k_pos) & (idx >= 0).view(1, c, 1, n_sel) & real_q
+        allowed = allowed.expand(b, c, block_size, n_sel).unsqueeze(1).expand(b, hkv, c, block_size, n_sel)
+        allowed = allowed.reshape(b * hkv * c, 1, block_size, n_sel)
+        if softcap is None:
+            res = sdpa_tensors(qc, kg, vg, allowed, is_causal=False, scale=scale, return_lse=return_lse)
+        else:  # SDPA has no soft-capping: explicit scores for this (rare) case
+            res = _explicit(qc, kg, vg, allowed, scale, softcap)
+        out, lse = res if isinstance(res, tuple) else (res, None)
+        outs.append(out.view(b, hkv, c, groups, block_size, d))
+        lses.append(None if lse is None else lse.view(b, hkv, c, groups, block_size))
+    out = torch.cat(outs, dim=2).transpose(2, 3).reshape(b, hq, n_blocks * block_size, d)[:, :, :q_len]
     if not return_lse:
         return out
-    lse = torch.cat(lses, dim=3).reshape(b, hq, n_blocks * block_size)[:, :, :q_len]
+    lse = torch.cat(lses, dim=2).transpose(2, 3).reshape(b, hq, n_blocks * block_size)[:, :, :q_len]
     return out, lse
 
+
+def _explicit(q, k, v, allowed, scale, softcap):
+    scores = softcap * torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap)
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.clamp_min(-1e30).unsqueeze(-1))  # all-masked rows: 0, not nan
+    return torch.matmul(probs.to(v.dtype), v), lse
 
 GATHER_BLOCK = 128  # queries per gathered tile
 LOCAL_BACKENDS = ("auto", "gathered", "sdpa", "flex", "flash", "math")
