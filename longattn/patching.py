@@ -141,7 +141,8 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
                       module=module)
     out = method.attend(query, key, value, mask, call)
     if meter is not None:
-        meter.add(phase, method.computed_pairs(mask), mask.causal_pair_count())
+        pairs = call.attended_pairs if call.attended_pairs is not None else method.computed_pairs(mask)
+        meter.add(phase, pairs, mask.causal_pair_count())
     return out.transpose(1, 2).contiguous(), None
 
 

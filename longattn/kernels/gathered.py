@@ -45,11 +45,15 @@ def local_key_index(mask: AttentionMask, block_size: int, span: int | None, sink
 
 
 def gathered_attention(query, key, value, mask: AttentionMask, key_index: torch.Tensor, *, block_size: int,
-                       scale: float, softcap: float | None = None, return_lse: bool = False,
+                       scale: float, softcap: float | None = None, return_lse: bool = False, tile_filter=None,
                        max_tile_elements: int = 1 << 25):
     """Attention of query blocks over their gathered keys.
 
-    query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (GQA unexpanded); `key_index` from `local_key_index`.
+    query [B, Hq, Q, D]; key, value [B, Hkv, K, D] (GQA unexpanded). `key_index` holds local key indices
+    (-1 = unused slot): [n_query_blocks, n_sel] shared by all sequences and heads (see `local_key_index`), or
+    [B, Hkv, n_query_blocks, n_sel] per sequence and KV head. `tile_filter(c0, c, index)`, if given, returns
+    extra allowed pairs for query blocks c0 .. c0 + c as a bool tensor broadcastable to
+    [B, Hkv, c, G, block_size, n_sel] (G = query heads per KV head).
     Returns output [B, Hq, Q, D] (and LSE [B, Hq, Q] in float32).
     """
     from .dense import sdpa_tensors
@@ -57,7 +61,10 @@ def gathered_attention(query, key, value, mask: AttentionMask, key_index: torch.
     b, hq, q_len, d = query.shape
     hkv = key.shape[1]
     groups = hq // hkv
-    n_blocks, n_sel = key_index.shape
+    if key_index.dim() == 2:
+        key_index = key_index[None, None]
+    n_blocks, n_sel = key_index.shape[-2:]
+    shared = key_index.shape[0] == 1 and key_index.shape[1] == 1
     pad = n_blocks * block_size - q_len
     q = torch.nn.functional.pad(query, (0, 0, 0, pad)) if pad else query
     # [B, Hkv, blocks, G, bs, D]: the query heads sharing a KV head sit together (GQA stays unexpanded).
@@ -65,24 +72,32 @@ def gathered_attention(query, key, value, mask: AttentionMask, key_index: torch.
     key_index = key_index.to(query.device)
     # Query blocks per chunk, so that one chunk's score tile stays under max_tile_elements.
     chunk = max(1, max_tile_elements // max(1, b * hq * block_size * n_sel))
-    batch_idx = torch.arange(b, device=query.device).view(b, 1, 1, 1)
-    head_idx = torch.zeros(1, dtype=torch.long, device=query.device).view(1, 1, 1, 1)
+    batch_idx = torch.arange(b, device=query.device).view(b, 1, 1, 1, 1, 1)
+    head_idx = torch.zeros(1, dtype=torch.long, device=query.device).view(1, 1, 1, 1, 1, 1)
     outs, lses = [], []
     for c0 in range(0, n_blocks, chunk):
-        idx = key_index[c0:c0 + chunk]  # [c, n_sel]
-        c = idx.shape[0]
+        idx = key_index[:, :, c0:c0 + chunk]  # [1 or B, 1 or Hkv, c, n_sel]
+        c = idx.shape[2]
         safe = idx.clamp_min(0)
-        kg = key[:, :, safe].reshape(b * hkv * c, 1, n_sel, d)
-        vg = value[:, :, safe].reshape(b * hkv * c, 1, n_sel, d)
+        if shared:
+            kg, vg = key[:, :, safe[0, 0]], value[:, :, safe[0, 0]]  # [B, Hkv, c, n_sel, D]
+        else:
+            flat = safe.expand(b, hkv, c, n_sel).reshape(b, hkv, c * n_sel, 1).expand(-1, -1, -1, d)
+            kg = key.gather(2, flat).view(b, hkv, c, n_sel, d)
+            vg = value.gather(2, flat).view(b, hkv, c, n_sel, d)
+        kg, vg = kg.reshape(b * hkv * c, 1, n_sel, d), vg.reshape(b * hkv * c, 1, n_sel, d)
         qc = q[:, :, c0:c0 + c].reshape(b * hkv * c, groups, block_size, d)
         q_pos = (torch.arange(c0 * block_size, (c0 + c) * block_size, device=query.device)
-                 + mask.q_offset).view(1, c, block_size, 1)
+                 + mask.q_offset).view(1, 1, c, 1, block_size, 1)
         real_q = q_pos < mask.q_offset + q_len  # rows past the end pad the last block: they attend nothing
         q_eval = torch.clamp(q_pos, max=mask.q_offset + q_len - 1)  # (and must not index past the mask's data)
-        k_pos = (safe + mask.kv_offset).view(1, c, 1, n_sel)
-        allowed = mask.fn(batch_idx, head_idx, q_eval, k_pos) & (idx >= 0).view(1, c, 1, n_sel) & real_q
-        allowed = allowed.expand(b, c, block_size, n_sel).unsqueeze(1).expand(b, hkv, c, block_size, n_sel)
-        allowed = allowed.reshape(b * hkv * c, 1, block_size, n_sel)
+        k_pos = (safe + mask.kv_offset).unsqueeze(3).unsqueeze(4)  # [., ., c, 1, 1, n_sel]
+        allowed = mask.fn(batch_idx, head_idx, q_eval, k_pos) & (idx >= 0).unsqueeze(3).unsqueeze(4) & real_q
+        if tile_filter is not None:
+            allowed = allowed & tile_filter(c0, c, idx)
+        g_mask = allowed.shape[3]
+        allowed = allowed.expand(b, hkv, c, g_mask, block_size, n_sel).reshape(b * hkv * c, g_mask, block_size,
+                                                                              n_sel)
         if softcap is None:
             res = sdpa_tensors(qc, kg, vg, allowed, is_causal=False, scale=scale, return_lse=return_lse)
         else:  # SDPA has no soft-capping: explicit scores for this (rare) case

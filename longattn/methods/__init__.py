@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import AttendCall, AttentionMethod
+from .block_topk import BlockTopK
 from .dense import Dense
 from .dilated import Dilated
 from .sink_window import SinkWindow
 from .sliding_window import SlidingWindow
 
 # name -> spec class; a new method adds one line here.
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (Dense, Dilated, SinkWindow, SlidingWindow)}
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (BlockTopK, Dense, Dilated, SinkWindow, SlidingWindow)}
 
 
 @dataclass
@@ -46,5 +47,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "Dense", "Dilated", "METHODS", "MethodInfo", "SinkWindow", "SlidingWindow",
+__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "SinkWindow", "SlidingWindow",
            "make_method", "method_infos"]

@@ -19,6 +19,8 @@ class AttendCall:
     dropout: float = 0.0
     layer_idx: int | None = None
     module: Any = None
+    # A method whose pattern depends on the data sets the pairs it attended (per sequence) here.
+    attended_pairs: int | None = None
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""Block top-k (Quest): the selection equals a slow re-implementation, attention equals dense attention with
+the explicit per-head mask of the selected blocks, and prefill equals token-by-token decode."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+import longattn
+from longattn.kernels import AttentionMask, dense_attention
+from longattn.methods import AttendCall, BlockTopK
+from longattn.methods.block_topk import quest_select
+from conftest import left_padded_batch, make_model
+
+
+def slow_select(q, k, block_size, top_k=None, density=None):
+    """Quest's rule written plainly: per query, its own block plus the top_k - 1 earlier blocks by the bound
+    sum_d max(q_d * min_d, q_d * max_d), where min/max run over the block's keys."""
+    b, hq, s, d = q.shape
+    groups = hq // k.shape[1]
+    n_blocks = -(-s // block_size)
+    out = torch.zeros(b, hq, s, n_blocks, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hq):
+            keys = k[bi, h // groups]
+            for i in range(s):
+                own = i // block_size
+                bounds = []
+                for j in range(own):
+                    blk = keys[j * block_size:(j + 1) * block_size]
+                    lo, hi = blk.min(0).values, blk.max(0).values
+                    bounds.append((float(torch.maximum(q[bi, h, i] * lo, q[bi, h, i] * hi).sum()), j))
+                out[bi, h, i, own] = True
+                keep = top_k if density is None else max(1, -(-int(density * 1000) * (own + 1) // 1000))
+                for _, j in sorted(bounds, reverse=True)[:keep - 1]:
+                    out[bi, h, i, j] = True
+    return out
+
+
+def explicit_mask(selected, block_size, s, padding=None):
+    q_pos, k_pos = torch.arange(s).view(-1, 1), torch.arange(s).view(1, -1)
+    by_key = selected.gather(-1, (k_pos // block_size).expand(s, s).expand(*selected.shape[:2], s, s))
+    allowed = by_key & (k_pos <= q_pos)
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, :]
+    return allowed
+
+
+@pytest.mark.parametrize("block_size, top_k, density", [(4, 2, None), (5, 3, None), (16, 1, None), (3, None, 0.5),
+                                                        (4, None, 0.25)])
+def test_selection_equals_slow_rule(block_size, top_k, density):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 37, 8, generator=g), torch.randn(2, 2, 37, 8, generator=g)
+    got = quest_select(q, k, AttentionMask.causal(37, batch_size=2), block_size, top_k, density)
+    assert torch.equal(got, slow_select(q, k, block_size, top_k, density))
+
+
+@pytest.mark.parametrize("block_size, top_k, s", [(16, 3, 150), (4, 2, 37), (64, 2, 130)])
+def test_attention_equals_explicit_selected_mask(block_size, top_k, s):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, s, 16, generator=g) * 2 for h in (4, 2, 2))
+    pad = torch.ones(2, s, dtype=torch.bool)
+    pad[1, :7] = False
+    mask = AttentionMask.causal(s, batch_size=2, padding=pad)
+    call = AttendCall(scale=0.25)
+    got = BlockTopK(block_size=block_size, top_k=top_k).attend(q, k, v, mask, call)
+    allowed = explicit_mask(quest_select(q, k, mask, block_size, top_k), block_size, s, pad)
+    ref = dense_attention(q, k, v, AttentionMask.from_tensor(allowed), scale=0.25, backend="math")
+    rows = allowed.any(-1, keepdim=True)
+    torch.testing.assert_close(got * rows, ref * rows, atol=1e-5, rtol=0)
+    no_pad = explicit_mask(quest_select(q, k, mask, block_size, top_k), block_size, s)
+    assert call.attended_pairs == int(no_pad.sum()) // 8  # per sequence and head, padding not subtracted
+
+
+def test_all_blocks_selected_equals_dense():
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with longattn.patched(model, "block_topk", block_size=4, top_k=6):  # 24 tokens = 6 blocks
+            got = model(input_ids=ids, attention_mask=mask).logits
+            assert longattn.patch_state(model).meter.density("prefill") == pytest.approx(1.0)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("params", [{"block_size": 4, "top_k": 2}, {"block_size": 3, "top_k": 3},
+                                    {"block_size": 4, "top_k": None, "density": 0.3}])
+def test_prefill_equals_token_by_token_decode(params):
+    """A 16-token prompt (enough blocks for top_k), then one token at a time: same logits as one prefill."""
+    model = make_model("qwen3")
+    ids, _ = left_padded_batch()
+    ids = ids[:1]
+    longattn.patch(model, "block_topk", **params)
+    with torch.no_grad():
+        prefix = 16
+        full = model(input_ids=ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=ids[:, :prefix], cache=cache, use_cache=True).logits]
+        for t in range(prefix, ids.shape[1]):
+            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_generate_runs_and_reports_density():
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
+    longattn.patch(model, "block_topk", block_size=4, top_k=2)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    meter = longattn.patch_state(model).meter
+    assert 0 < meter.density("prefill") < 1 and 0 < meter.density("decode") < 1
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"top_k": 0}, r"'top_k' must be an integer >= 1"),
+    ({"top_k": None, "density": 1.5}, r"'density' must be in \(0, 1\]"),
+    ({"top_k": None, "density": 0.0}, r"'density' must be in \(0, 1\]"),
+    ({"top_k": 4, "density": 0.5}, "exactly one of 'top_k' and 'density'"),
+    ({"block_size": 0}, r"'block_size' must be an integer >= 1"),
+])
+def test_bad_parameters(params, message):
+    with pytest.raises(ValueError, match=message):
+        BlockTopK(**params)
+
+
+def test_top_k_larger_than_the_number_of_blocks():
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="top_k=9 is larger than the 5 key blocks"):
+        BlockTopK(block_size=4, top_k=9).attend(q, k, v, AttentionMask.causal(20), AttendCall(scale=0.3))
