@@ -11,9 +11,11 @@ from .dense import Dense
 from .dilated import Dilated
 from .sink_window import SinkWindow
 from .sliding_window import SlidingWindow
+from .vertical_slash import VerticalSlash
 
 # name -> spec class; a new method adds one line here.
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (BlockTopK, Dense, Dilated, SinkWindow, SlidingWindow)}
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (BlockTopK, Dense, Dilated, SinkWindow, SlidingWindow,
+                                                                     VerticalSlash)}
 
 
 @dataclass
@@ -47,5 +49,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "SinkWindow", "SlidingWindow",
+__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "SinkWindow", "SlidingWindow", "VerticalSlash",
            "make_method", "method_infos"]
