@@ -57,6 +57,22 @@ def dilated_window(window: int, dilation: int) -> MaskFn:
     return allowed
 
 
+def grouped(group_size: int, shift: int = 0, sink_tokens: int = 0,
+            first_token: torch.Tensor | None = None) -> MaskFn:
+    """Causal attention within groups of `group_size` positions, the groups starting at -shift (so with
+    shift = group_size / 2 the first group holds only group_size / 2 positions), plus the first `sink_tokens`
+    real tokens of each sequence for every query."""
+
+    def allowed(b, h, q, k):
+        start = 0 if first_token is None else first_token[b]
+        same = torch.div(q - start + shift, group_size, rounding_mode="floor") == torch.div(
+            k - start + shift, group_size, rounding_mode="floor")
+        sink = (k >= start) & (k < start + sink_tokens)
+        return (k <= q) & (same | sink)
+
+    return allowed
+
+
 def with_padding(fn: MaskFn, padding: torch.Tensor) -> MaskFn:
     """Restrict `fn` to key positions where `padding[b, kv_pos]` is True (absolute kv positions)."""
 

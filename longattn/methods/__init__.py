@@ -9,13 +9,15 @@ from .base import AttendCall, AttentionMethod
 from .block_topk import BlockTopK
 from .dense import Dense
 from .dilated import Dilated
+from .longlora import ShiftedSparse
+from .sf_attn import SinkShiftedSparse
 from .sink_window import SinkWindow
 from .sliding_window import SlidingWindow
 from .vertical_slash import VerticalSlash
 
 # name -> spec class; a new method adds one line here.
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (BlockTopK, Dense, Dilated, SinkWindow, SlidingWindow,
-                                                                     VerticalSlash)}
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
+    BlockTopK, Dense, Dilated, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow, VerticalSlash)}
 
 
 @dataclass
@@ -49,5 +51,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "SinkWindow", "SlidingWindow", "VerticalSlash",
+__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash",
            "make_method", "method_infos"]
