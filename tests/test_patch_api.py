@@ -186,9 +186,11 @@ def test_cli_help_and_methods(capsys):
 
 @pytest.mark.parametrize("recipe", longattn.recipe_names())
 def test_every_shipped_recipe_patches_a_model(recipe):
-    model = make_model("llama")
-    ids, mask = left_padded_batch()
-    with longattn.patched(model, recipe):
+    """Paper configurations are sized for long inputs (LongLoRA's groups of 2048, Quest's 64 pages of 16)."""
+    model = make_model("llama", max_position_embeddings=8192)
+    ids = torch.randint(3, 96, (1, 4096), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), longattn.patched(model, recipe):
         state = longattn.patch_state(model)
         assert state.method.name == longattn.load_recipe(
             __import__("longattn.recipes", fromlist=["x"]).recipe_paths()[recipe]).method
