@@ -10,6 +10,7 @@ from .block_topk import BlockTopK
 from .dense import Dense
 from .dilated import Dilated
 from .longlora import ShiftedSparse
+from .routing import Routing
 from .sf_attn import SinkShiftedSparse
 from .sink_window import SinkWindow
 from .sliding_window import SlidingWindow
@@ -17,7 +18,7 @@ from .vertical_slash import VerticalSlash
 
 # name -> spec class; a new method adds one line here.
 METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
-    BlockTopK, Dense, Dilated, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow, VerticalSlash)}
+    BlockTopK, Dense, Dilated, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow, VerticalSlash)}
 
 
 @dataclass
@@ -51,5 +52,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash",
+__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash",
            "make_method", "method_infos"]
