@@ -6,6 +6,7 @@
     with longattn.patched(model, "dense"): ...
     longattn.methods()                                 # every method, its parameters and paper
 """
+from .gqa import convert_to_gqa, kv_cache_bytes_per_token
 from .kernels import AttentionMask, dense_attention
 from .methods import METHODS, AttentionMethod, Dense, MethodInfo, method_infos
 from .patching import UnsupportedModelError, patch, patch_state, patched, unpatch
@@ -22,6 +23,6 @@ def methods() -> list[MethodInfo]:
 
 __all__ = [
     "AttentionMask", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "UnsupportedModelError",
-    "dense_attention", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",
+    "convert_to_gqa", "dense_attention", "kv_cache_bytes_per_token", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",
     "reference_model", "reference_model_path", "unpatch",
 ]
