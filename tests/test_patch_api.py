@@ -117,7 +117,7 @@ def test_gradients_through_patched_model_match_unpatched():
 
 # ------------------------------------------------------------------------------------------ bad input
 def test_unknown_method_lists_available():
-    with pytest.raises(ValueError, match=r"unknown attention method or recipe 'nope'.*methods: \['dense'"):
+    with pytest.raises(ValueError, match=r"unknown attention method or recipe 'nope'; methods: \[.*'dense'.*recipes: \["):
         longattn.patch(make_model("llama"), "nope")
 
 
