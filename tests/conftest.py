@@ -78,3 +78,17 @@ def small_tokenizer():
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def assert_decode_matches_prefill(model, ids, prefix: int = 0):
+    """Logits of one prefill pass equal those of a `prefix`-token prefill followed by one token at a time."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache, steps = DynamicCache(config=model.config), []
+        if prefix:
+            steps.append(model(input_ids=ids[:, :prefix], cache=cache, use_cache=True).logits)
+        for t in range(prefix, ids.shape[1]):
+            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)

@@ -2,13 +2,12 @@
 the explicit per-head mask of the selected blocks, and prefill equals token-by-token decode."""
 import pytest
 import torch
-from transformers import DynamicCache
 
 import longattn
 from longattn.kernels import AttentionMask, dense_attention
 from longattn.methods import AttendCall, BlockTopK
 from longattn.methods.block_topk import quest_select
-from conftest import left_padded_batch, make_model
+from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
 
 
 def slow_select(q, k, block_size, top_k=None, density=None):
@@ -90,14 +89,7 @@ def test_prefill_equals_token_by_token_decode(params):
     ids, _ = left_padded_batch()
     ids = ids[:1]
     longattn.patch(model, "block_topk", **params)
-    with torch.no_grad():
-        prefix = 16
-        full = model(input_ids=ids).logits
-        cache = DynamicCache(config=model.config)
-        steps = [model(input_ids=ids[:, :prefix], cache=cache, use_cache=True).logits]
-        for t in range(prefix, ids.shape[1]):
-            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert_decode_matches_prefill(model, ids, prefix=16)
 
 
 def test_generate_runs_and_reports_density():

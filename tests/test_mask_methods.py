@@ -2,12 +2,11 @@
 the explicit boolean mask it claims, in prefill and decode, and reports the density it computed."""
 import pytest
 import torch
-from transformers import DynamicCache
 
 import longattn
 from longattn.kernels import AttentionMask, dense_attention
 from longattn.methods import AttendCall, Dilated, SinkWindow, SlidingWindow
-from conftest import left_padded_batch, make_model
+from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
 
 
 def claimed(method, q, k, first_real):
@@ -85,12 +84,7 @@ def test_decode_token_by_token_equals_prefill(method, backend, gather_block):
     ids, _ = left_padded_batch()
     ids = ids[:1]
     longattn.patch(model, type(method)(**{**method.params(), "backend": backend}))
-    with torch.no_grad():
-        full = model(input_ids=ids).logits
-        cache, steps = DynamicCache(config=model.config), []
-        for t in range(ids.shape[1]):
-            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert_decode_matches_prefill(model, ids)
 
 
 @pytest.mark.parametrize("method", METHODS + [longattn.Dense()], ids=repr)

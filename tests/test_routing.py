@@ -2,13 +2,12 @@
 k-means updates only in training; fixed centroids make decode equal prefill."""
 import pytest
 import torch
-from transformers import DynamicCache
 
 import longattn
 from longattn.kernels import AttentionMask, dense_attention
 from longattn.methods import AttendCall, Routing
 from longattn.methods.routing import route
-from conftest import left_padded_batch, make_model
+from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
 
 
 def explicit(q, k, mu, pad):
@@ -71,12 +70,7 @@ def test_decode_equals_prefill_with_fixed_centroids():
     ids, _ = left_padded_batch()
     ids = ids[:1]
     longattn.patch(model, "routing", n_clusters=3)
-    with torch.no_grad():
-        full = model(input_ids=ids).logits
-        cache, steps = DynamicCache(config=model.config), []
-        for t in range(ids.shape[1]):
-            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert_decode_matches_prefill(model, ids)
 
 
 def test_fit_iterations_fit_centroids_on_the_prompt():

@@ -1,12 +1,11 @@
 """LongLoRA S2-Attn and SinkLoRA SF-Attn against explicit per-head masks, with gradients (training methods)."""
 import pytest
 import torch
-from transformers import DynamicCache
 
 import longattn
 from longattn.kernels import AttentionMask, dense_attention
 from longattn.methods import AttendCall, ShiftedSparse, SinkShiftedSparse
-from conftest import left_padded_batch, make_model
+from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
 
 
 def s2_mask(s, g, hq, padding):
@@ -88,12 +87,7 @@ def test_sf_attn_decode_equals_prefill():
     ids, _ = left_padded_batch()
     ids = ids[:1]
     longattn.patch(model, "sf_attn", group_size=6, sink_tokens=2)
-    with torch.no_grad():
-        full = model(input_ids=ids).logits
-        cache, steps = DynamicCache(config=model.config), []
-        for t in range(ids.shape[1]):
-            steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert_decode_matches_prefill(model, ids)
 
 
 def test_s2_attn_trains_through_a_model():
