@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 import longattn
-from longattn.evals import generate_answers, make_passkey_sample, score_answers, sliding_window_perplexity
+from longattn.evals import generate_answers, score_answers, sliding_window_perplexity
+from longattn.evals.tasks import Filler, Passkey
 from longattn.evals.corpora import DEFAULT_CACHE, linux_doc_heldout, python_doc_prose
 
 
-def passkey_accuracy(model, tok, length: int, trials: int, filler: str | None, seed: int = 0) -> float:
+def passkey_accuracy(model, tok, length: int, trials: int, filler: Filler, seed: int = 0) -> float:
     depths = [i / (trials - 1) for i in range(trials)] if trials > 1 else [0.5]
-    samples = [make_passkey_sample(tok, length, d, seed=seed + i, filler_text=filler) for i, d in enumerate(depths)]
+    samples = [Passkey().make(tok, length, seed + i, filler, d) for i, d in enumerate(depths)]
     answers = generate_answers(model, tok, samples, batch_size=max(1, 16384 // length))
     return sum(s["first_number_match"] for s in score_answers(samples, answers)) / len(samples)
 
@@ -63,7 +64,7 @@ def main(argv=None):
             print(f"ppl {name} ctx={ctx}: {r.perplexity:.3f} ({r.tokens} tokens, {time.time() - t0:.0f}s)",
                   flush=True)
 
-    fillers = {"grass": None, "python-doc prose": texts["python-doc prose"]}
+    fillers = {"grass": Filler(), "python-doc prose": Filler(texts["python-doc prose"], "python-doc")}
     runs = [("dense", {}, int(n)) for n in args.lengths.split(",")]
     runs.append(("sliding_window", {"window": args.window}, args.window_length))
     for method, params, length in runs:
