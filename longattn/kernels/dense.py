@@ -87,9 +87,15 @@ def _sdpa(q, k, v, mask: AttentionMask, *, scale, softcap, dropout, return_lse):
 
 
 def sdpa_tensors(q, k, v, attn_mask: torch.Tensor | None, *, is_causal: bool, scale: float, dropout: float = 0.0,
-                 return_lse: bool = False):
-    """SDPA on tensors with a boolean mask (True = attend, broadcastable to [..., Q, K]) and GQA heads."""
+                 return_lse: bool = False, float_bias: torch.Tensor | None = None):
+    """SDPA on tensors with a boolean mask (True = attend, broadcastable to [..., Q, K]) or an additive
+    `float_bias` (0 / -inf; cheaper on CPU), and GQA heads."""
     groups = q.shape[-3] // k.shape[-3]
+    if float_bias is not None:
+        if not return_lse:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=float_bias, dropout_p=dropout, scale=scale,
+                                                  enable_gqa=groups > 1)
+        attn_mask = float_bias == 0
     if not return_lse:
         # Unexpanded GQA when no mask is given (all kernels support it); with a mask, CUDA kernels need
         # expanded heads to avoid the slow math fallback, and the CPU result is the same either way.

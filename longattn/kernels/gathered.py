@@ -119,13 +119,94 @@ def _explicit(q, k, v, allowed, scale, softcap):
     probs = torch.exp(scores - lse.clamp_min(-1e30).unsqueeze(-1))  # all-masked rows: 0, not nan
     return torch.matmul(probs.to(v.dtype), v), lse
 
+def strided_window_attention(query, key, value, mask: AttentionMask, *, span: int, relative_allowed=None,
+                             sink_range: tuple[int, int] | None = None, block_size: int, scale: float):
+    """Window attention without copying keys: query block i sees the `span + block_size - 1` keys ending at
+    its last query, as a zero-copy strided view of the (once padded) keys; one translation-invariant mask
+    serves every block but the few at the left edge, which get their own.
+
+    For masks that are plain bottom-right causal windows (no padding); `relative_allowed(distance)`
+    optionally narrows the window (dilation). `sink_range` (absolute first, last) adds sink keys, merged by
+    log-sum-exp, which needs inference mode (the LSE of torch's CPU kernel carries no gradient).
+    """
+    from .dense import sdpa_tensors
+
+    b, hq, q_len, d = query.shape
+    hkv, k_len = key.shape[1], key.shape[2]
+    bs = block_size
+    n_blocks = math.ceil(q_len / bs)
+    width = span + bs - 1
+    delta = mask.q_offset - mask.kv_offset  # local key index of query 0
+    left = span - 1
+    right = max(0, delta + n_blocks * bs - k_len)
+    kp = torch.nn.functional.pad(key, (0, 0, left, right))
+    vp = torch.nn.functional.pad(value, (0, 0, left, right))
+    qp = torch.nn.functional.pad(query, (0, 0, 0, n_blocks * bs - q_len))
+    r = torch.arange(bs, device=query.device).view(bs, 1)
+    j = torch.arange(width, device=query.device).view(1, width)
+    dist = r + left - j  # query row r minus key column j, in positions
+    ok = (dist >= 0) & (dist < span)
+    if relative_allowed is not None:
+        ok = ok & relative_allowed(dist)
+    # Blocks whose window starts before key 0 see padding rows: they get a mask of their own.
+    n_edge = min(n_blocks, max(0, math.ceil((left - delta) / bs)))
+    starts = delta + torch.arange(n_edge, device=query.device) * bs - left  # local key of column 0, per edge block
+    edge_ok = ok & ((starts.view(-1, 1, 1) + j) >= 0)
+    neg = float("-inf")
+    bias = torch.zeros(bs, width, dtype=query.dtype, device=query.device).masked_fill_(~ok, neg)
+    edge_bias = torch.zeros(n_edge, 1, bs, width, dtype=query.dtype, device=query.device).masked_fill_(
+        ~edge_ok.unsqueeze(1), neg)
+    s_b, s_h, s_s, _ = kp.stride()
+    outs, lses = [], []
+    want_lse = sink_range is not None
+    for bi in range(b):
+        view = dict(size=(n_blocks, hkv, width, d), stride=(bs * s_s, s_h, s_s, 1),
+                    storage_offset=kp.storage_offset() + bi * s_b + delta * s_s)
+        kw, vw = kp.as_strided(**view), vp.as_strided(**view)
+        qb = qp[bi].view(hq, n_blocks, bs, d).transpose(0, 1)  # [blocks, Hq, bs, D]
+        parts = []
+        for sl, m in ((slice(0, n_edge), edge_bias), (slice(n_edge, n_blocks), bias.view(1, 1, bs, width))):
+            if sl.stop > sl.start:
+                parts.append(sdpa_tensors(qb[sl], kw[sl], vw[sl], None, is_causal=False, scale=scale,
+                                          return_lse=want_lse, float_bias=m))
+        if want_lse:
+            outs.append(torch.cat([p[0] for p in parts]).transpose(0, 1).reshape(hq, -1, d))
+            lses.append(torch.cat([p[1] for p in parts]).transpose(0, 1).reshape(hq, -1))
+        else:
+            outs.append(torch.cat(parts).transpose(0, 1).reshape(hq, -1, d))
+    out = torch.stack(outs)[:, :, :q_len]
+    if not want_lse:
+        return out
+    return _merge_sinks(query, key, value, mask, out, torch.stack(lses)[:, :, :q_len], span, sink_range, scale)
+
+
+def _merge_sinks(query, key, value, mask, out, lse, span, sink_range, scale):
+    """Add the sink keys that lie before each query's window, merging the two softmaxes by their LSEs."""
+    groups = query.shape[1] // key.shape[1]
+    lo, hi = max(sink_range[0], mask.kv_offset), min(sink_range[1], mask.kv_offset + key.shape[2] - 1)
+    if hi < lo:
+        return out
+    ks = key[:, :, lo - mask.kv_offset:hi - mask.kv_offset + 1].repeat_interleave(groups, 1)
+    vs = value[:, :, lo - mask.kv_offset:hi - mask.kv_offset + 1].repeat_interleave(groups, 1)
+    q_abs = torch.arange(query.shape[2], device=query.device).view(-1, 1) + mask.q_offset
+    k_abs = torch.arange(lo, hi + 1, device=query.device).view(1, -1)
+    before_window = (k_abs <= q_abs) & (q_abs - k_abs >= span)
+    s = (torch.matmul(query, ks.transpose(-1, -2)) * scale).float().masked_fill(~before_window, float("-inf"))
+    s_lse = torch.logsumexp(s, dim=-1)
+    total = torch.logaddexp(lse, s_lse)
+    w_win = torch.exp(lse - total).nan_to_num(0.0).unsqueeze(-1)
+    p_sink = torch.exp(s - total.unsqueeze(-1)).nan_to_num(0.0)
+    return (out.float() * w_win + torch.matmul(p_sink, vs.float())).to(out.dtype)
+
+
 GATHER_BLOCK = 128  # queries per gathered tile
 LOCAL_BACKENDS = ("auto", "gathered", "sdpa", "flex", "flash", "math")
 
 
 def local_attention(query, key, value, pattern: AttentionMask, *, span: int | None, sinks: int = 0,
                     first_token: torch.Tensor | None = None, backend: str = "auto", scale: float,
-                    softcap: float | None = None, dropout: float = 0.0):
+                    softcap: float | None = None, dropout: float = 0.0, relative_allowed=None,
+                    translation_invariant: bool = False):
     """Attention under a local pattern (keys within `span` back, plus `sinks` first tokens).
 
     backend "gathered" gathers only those keys (work and memory ~ S x span); "auto" does so when it skips at
@@ -142,6 +223,15 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
         hi = (0 if first_token is None else int(first_token.max())) + sinks - 1
         sink_range = (lo, hi)
     if backend in ("auto", "gathered"):
+        # Fast path: a plain window (no padding, no other pattern in the model's mask) is the same for every
+        # block of queries, so keys need no copying and one mask serves all blocks.
+        strided = (translation_invariant and span is not None and softcap is None and not dropout
+                   and pattern.q_len >= GATHER_BLOCK and (span + GATHER_BLOCK) * 2 <= pattern.kv_len
+                   and (sink_range is None or not (torch.is_grad_enabled() and query.requires_grad)))
+        if strided:
+            return strided_window_attention(query, key, value, pattern, span=span, block_size=GATHER_BLOCK,
+                                            relative_allowed=relative_allowed, sink_range=sink_range,
+                                            scale=scale)
         index = local_key_index(pattern, GATHER_BLOCK, span, sink_range)
         worth_it = pattern.q_len >= GATHER_BLOCK and index.shape[1] * 2 <= pattern.kv_len
         decode_worth_it = pattern.q_len == 1 and index.shape[1] * 2 <= pattern.kv_len

@@ -45,4 +45,6 @@ class Dilated(AttentionMethod):
     def attend(self, query, key, value, mask, call: AttendCall):
         pattern = mask.restrict(dilated_window(self.window, self.dilation))
         return local_attention(query, key, value, pattern, span=self.window * self.dilation,
-                               backend=self.backend, scale=call.scale, softcap=call.softcap, dropout=call.dropout)
+                               backend=self.backend, scale=call.scale, softcap=call.softcap, dropout=call.dropout,
+                               translation_invariant=mask.is_plain(),
+                               relative_allowed=lambda distance: distance % self.dilation == 0)

@@ -43,4 +43,5 @@ class SlidingWindow(AttentionMethod):
     def attend(self, query, key, value, mask, call: AttendCall):
         windowed = mask.restrict(sliding_window(self.window), window=self.window)
         return local_attention(query, key, value, windowed, span=self.window, backend=self.backend,
-                               scale=call.scale, softcap=call.softcap, dropout=call.dropout)
+                               scale=call.scale, softcap=call.softcap, dropout=call.dropout,
+                               translation_invariant=mask.is_plain())
