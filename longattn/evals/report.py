@@ -17,6 +17,34 @@ def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def summary_table(records: list[dict]) -> str:
+    """One row per configuration: mean task score per length, prefill density at the longest length, and
+    perplexity per context length."""
+    tasks = [r for r in records if r.get("kind") == "task"]
+    ppl = [r for r in records if r.get("kind") == "perplexity"]
+    lengths = sorted({r["length"] for r in tasks})
+    contexts = sorted({r["length"] for r in ppl})
+    configs = sorted({config_label(r) for r in tasks + ppl}, key=lambda c: (c.split("(")[0] != "dense", c))
+    head = (["method"] + [f"score @ {n}" for n in lengths] + ([f"density @ {lengths[-1]}"] if lengths else [])
+            + [f"ppl @ {n}" for n in contexts])
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for c in configs:
+        row = [c]
+        for n in lengths:
+            xs = [r["score"] for r in tasks if config_label(r) == c and r["length"] == n]
+            row.append(_fmt(mean(xs), 2) if xs else "-")
+        if lengths:
+            ds = [r["density_prefill"] for r in tasks if config_label(r) == c and r["length"] == lengths[-1]]
+            row.append(_fmt(mean(ds)) if ds else "-")
+        for n in contexts:
+            xs = [r["perplexity"] for r in ppl if config_label(r) == c and r["length"] == n]
+            row.append(f"{xs[0]:.1f}" if xs else "-")
+        out.append("| " + " | ".join(row) + " |")
+    task_names = ", ".join(sorted({r["task"] for r in tasks}))
+    note = f"\nScores are means over {task_names}.\n" if tasks else ""
+    return "\n".join(out) + "\n" + note
+
+
 def markdown_table(records: list[dict]) -> str:
     tasks = sorted((r for r in records if r.get("kind") == "task"),
                    key=lambda r: (r["task"], r["length"], config_label(r)))
@@ -117,7 +145,8 @@ def write_report(records: list[dict], out_dir, title: str = "longattn sweep") ->
 
     md = out_dir / "report.md"
     images = "".join(f"\n![{p.stem}]({p.name})\n" for p in written)
-    md.write_text(f"# {title}\n\n{markdown_table(records)}{images}")
+    md.write_text(f"# {title}\n\n## Summary\n\n{summary_table(records)}{images}\n## All cells\n\n"
+                  f"{markdown_table(records)}")
     return [md] + written
 
 
