@@ -144,15 +144,18 @@ class VerticalSlash(AttentionMethod):
 
 
 def _pairs(mask: AttentionMask, columns, diagonals) -> int:
-    """Causal pairs covered by the selected columns and diagonals, averaged over sequences and heads."""
-    q_abs = torch.arange(mask.q_len) + mask.q_offset
-    col_abs = (columns.cpu() + mask.kv_offset)
-    per_col = (mask.q_offset + mask.q_len - torch.maximum(col_abs, torch.tensor(mask.q_offset))).clamp_min(0)
-    col_pairs = per_col.sum(-1)  # queries at or after each column
-    k_abs = q_abs.view(1, 1, -1, 1) - diagonals.cpu().unsqueeze(2)  # [B, H, Q, S]
-    in_range = (k_abs >= mask.kv_offset) & (k_abs < mask.kv_offset + mask.kv_len)
+    """Causal pairs covered by the selected columns and diagonals, averaged over sequences and heads
+    (counted in query chunks: never Q x slash_size at once)."""
+    col_abs = columns.cpu() + mask.kv_offset
+    per_col = (mask.q_offset + mask.q_len - torch.clamp(col_abs, min=mask.q_offset)).clamp_min(0)
+    total = int(per_col.sum())  # every query at or after a column attends to it
     is_col = torch.zeros(*columns.shape[:2], mask.kv_offset + mask.kv_len, dtype=torch.bool)
     is_col.scatter_(-1, col_abs, True)
-    dup = is_col.gather(-1, k_abs.clamp(0, is_col.shape[-1] - 1).flatten(2)).view_as(k_abs)
-    diag_pairs = (in_range & ~dup).sum((-1, -2))
-    return int((col_pairs + diag_pairs).sum()) // (columns.shape[0] * columns.shape[1])
+    diag = diagonals.cpu().unsqueeze(2)  # [B, H, 1, S]
+    for q0 in range(0, mask.q_len, QUERY_CHUNK):
+        q_abs = torch.arange(q0, min(q0 + QUERY_CHUNK, mask.q_len)) + mask.q_offset
+        k_abs = q_abs.view(1, 1, -1, 1) - diag  # [B, H, chunk, S]
+        in_range = (k_abs >= mask.kv_offset) & (k_abs < mask.kv_offset + mask.kv_len)
+        dup = is_col.gather(-1, k_abs.clamp(0, is_col.shape[-1] - 1).flatten(2)).view_as(k_abs)
+        total += int((in_range & ~dup).sum())
+    return total // (columns.shape[0] * columns.shape[1])
