@@ -9,6 +9,7 @@ from .base import AttendCall, AttentionMethod
 from .block_topk import BlockTopK
 from .dense import Dense
 from .dilated import Dilated
+from .logn import LogNScaling
 from .longlora import ShiftedSparse
 from .routing import Routing
 from .sf_attn import SinkShiftedSparse
@@ -18,7 +19,8 @@ from .vertical_slash import VerticalSlash
 
 # name -> spec class; a new method adds one line here.
 METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
-    BlockTopK, Dense, Dilated, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow, VerticalSlash)}
+    BlockTopK, Dense, Dilated, LogNScaling, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow,
+    VerticalSlash)}
 
 
 @dataclass
@@ -52,5 +54,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash",
+__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash",
            "make_method", "method_infos"]
