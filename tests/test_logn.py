@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import longattn
-from longattn.kernels import AttentionMask, dense_attention
+from longattn.kernels import AttentionMask
 from longattn.methods import AttendCall, LogNScaling
 from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
 
