@@ -118,3 +118,22 @@ def test_top_k_larger_than_the_number_of_blocks():
     q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
     with pytest.raises(ValueError, match="top_k=9 is larger than the 5 key blocks"):
         BlockTopK(block_size=4, top_k=9).attend(q, k, v, AttentionMask.causal(20), AttendCall(scale=0.3))
+
+
+def test_selection_in_query_chunks_equals_one_pass(monkeypatch):
+    """Selection is held for SELECT_CHUNK queries at a time; several chunks give exactly the same result."""
+    from longattn.methods import block_topk
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 150, 16, generator=g) * 2 for h in (4, 2, 2))
+    mask = AttentionMask.causal(150, batch_size=2)
+    method = BlockTopK(block_size=8, top_k=4)
+    one, chunked = AttendCall(scale=0.25), AttendCall(scale=0.25)
+    full = method.attend(q, k, v, mask, one)
+    monkeypatch.setattr(block_topk, "SELECT_CHUNK", 64)
+    parts = method.attend(q, k, v, mask, chunked)
+    torch.testing.assert_close(parts, full, atol=1e-5, rtol=0)  # tiles differ: float rounding only
+    assert chunked.attended_pairs == one.attended_pairs
+    allowed = explicit_mask(quest_select(q, k, mask, 8, 4), 8, 150)
+    ref = dense_attention(q, k, v, AttentionMask.from_tensor(allowed), scale=0.25, backend="math")
+    torch.testing.assert_close(parts, ref, atol=1e-5, rtol=0)

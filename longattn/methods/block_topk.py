@@ -2,6 +2,7 @@
 bound is highest, plus its own block."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from ..kernels.masks import AttentionMask
 from .base import AttendCall, AttentionMethod, check
 
 QUERY_TILE = 64  # queries per gathered tile (the union of their selected blocks is gathered once)
+SELECT_CHUNK = 1024  # queries whose block selection is held at once (a multiple of QUERY_TILE)
 
 
 def block_bounds(key: torch.Tensor, block_size: int, kv_offset: int = 0):
@@ -119,8 +121,20 @@ class BlockTopK(AttentionMethod):
     def attend(self, query, key, value, mask, call: AttendCall):
         if call.dropout:
             raise ValueError(f"{self.name}: attention dropout is not supported")
-        bs = self.block_size
         self.check_blocks(mask)
+        # Selection and its bounds cost queries x key blocks: make them a chunk of query tiles at a time.
+        outs, pairs = [], 0
+        for q0 in range(0, query.shape[2], SELECT_CHUNK):
+            part = dataclasses.replace(mask, q_len=min(SELECT_CHUNK, query.shape[2] - q0),
+                                       q_offset=mask.q_offset + q0, dense_builder=None, _cache={})
+            out, n = self._attend_chunk(query[:, :, q0:q0 + SELECT_CHUNK], key, value, part, call)
+            outs.append(out)
+            pairs += n
+        call.attended_pairs = pairs // (query.shape[0] * query.shape[1])
+        return torch.cat(outs, dim=2)
+
+    def _attend_chunk(self, query, key, value, mask, call: AttendCall):
+        bs = self.block_size
         selected = quest_select(query, key, mask, bs, self.top_k, self.density)  # [B, Hq, Q, nb]
         b, hq, q_len, n_blocks = selected.shape
         hkv = key.shape[1]
@@ -147,12 +161,12 @@ class BlockTopK(AttentionMethod):
             blk = blk.expand(b, hkv, c, groups, QUERY_TILE, blk.shape[-1])
             return sel_by_tile[:, :, c0:c0 + c].gather(-1, blk)
 
-        # Attended pairs for the density meter: selected keys that the mask allows (per sequence and head).
+        # Attended pairs for the density meter: selected keys that the mask allows (summed over sequences, heads).
         q_pos = (torch.arange(q_len, device=query.device) + mask.q_offset).view(1, 1, -1, 1)
         starts = (torch.arange(n_blocks, device=query.device) + first_block) * bs
         lo = torch.clamp(starts, min=mask.kv_offset).view(1, 1, 1, -1)
         hi = torch.minimum(starts + bs - 1, q_pos)
         per_block = (hi - lo + 1).clamp_min(0)
-        call.attended_pairs = int((selected * per_block).sum()) // (b * hq)
-        return gathered_attention(query, key, value, mask, key_index, block_size=QUERY_TILE, scale=call.scale,
-                                  softcap=call.softcap, tile_filter=selected_keys)
+        out = gathered_attention(query, key, value, mask, key_index, block_size=QUERY_TILE, scale=call.scale,
+                                 softcap=call.softcap, tile_filter=selected_keys)
+        return out, int((selected * per_block).sum())
