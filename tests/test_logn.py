@@ -45,3 +45,32 @@ def test_decode_equals_prefill_beyond_training_length():
 def test_bad_parameters(params, message):
     with pytest.raises(ValueError, match=message):
         LogNScaling(**params)
+
+
+@pytest.mark.parametrize("factor", [None, 2.0])
+def test_yarn_temperature_scales_logits_explicitly(factor):
+    from longattn.methods import YarnTemperature
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=g) for _ in range(3))
+    got = YarnTemperature(training_length=10, factor=factor).attend(q, k, v, AttentionMask.causal(30),
+                                                                     AttendCall(scale=0.3))
+    s = [factor if factor is not None else max(1.0, (p + 1) / 10) for p in range(30)]
+    mult = torch.tensor([(0.1 * math.log(x) + 1) ** 2 for x in s]).view(1, 1, -1, 1)
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.3 * mult).masked_fill(
+        ~torch.ones(30, 30, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(got.double(), torch.softmax(scores, -1) @ v.double(), atol=1e-5, rtol=0)
+
+
+def test_yarn_dynamic_is_identity_within_training_length_and_decodes_consistently():
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with longattn.patched(model, "yarn_temperature"):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
+    longattn.patch(model, "yarn_temperature", training_length=8)
+    assert_decode_matches_prefill(model, ids[:1])
+    with pytest.raises(ValueError, match="'factor' must be None or >= 1"):
+        longattn.patch(model, "yarn_temperature", factor=0.5)

@@ -16,11 +16,12 @@ from .sf_attn import SinkShiftedSparse
 from .sink_window import SinkWindow
 from .sliding_window import SlidingWindow
 from .vertical_slash import VerticalSlash
+from .yarn_temperature import YarnTemperature
 
 # name -> spec class; a new method adds one line here.
 METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
     BlockTopK, Dense, Dilated, LogNScaling, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow,
-    VerticalSlash)}
+    VerticalSlash, YarnTemperature)}
 
 
 @dataclass
@@ -54,5 +55,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash",
+__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
            "make_method", "method_infos"]

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.dense import BACKENDS, dense_attention
-from .base import AttendCall, AttentionMethod, check
+from .base import check
+from .temperature import PositionTemperature
 
 
 @dataclass
-class LogNScaling(AttentionMethod):
+class LogNScaling(PositionTemperature):
     """Multiply the attention logits of a query at position p by max(1, scale * log(p + 1) / log(L)), L the
     training length, so attention entropy stays level as the context grows past L (Chiang & Cholak 2022,
     Overcoming a Theoretical Limitation of Self-Attention, arXiv:2202.12172; "log-n" scaling as used by
@@ -31,30 +31,11 @@ class LogNScaling(AttentionMethod):
     paper = "Chiang & Cholak 2022, Overcoming a Theoretical Limitation of Self-Attention (arXiv:2202.12172)"
     summary = "scale logits by log(position)/log(training length) beyond the training length"
 
-    training_length: int | None = None
     scale: float = 1.0
-    backend: str = "auto"
 
     def validate(self):
-        check(self.name, "training_length", self.training_length is None or (
-            isinstance(self.training_length, int) and self.training_length >= 2), "None or an integer >= 2",
-            self.training_length)
+        super().validate()
         check(self.name, "scale", isinstance(self.scale, (int, float)) and self.scale > 0, "> 0", self.scale)
-        check(self.name, "backend", self.backend in BACKENDS, f"one of {list(BACKENDS)}", self.backend)
 
-    def factors(self, mask, length: int) -> torch.Tensor:
-        """[Q] logit multipliers of the call's queries."""
-        pos = torch.arange(mask.q_len, dtype=torch.float64) + mask.q_offset
-        return torch.clamp(self.scale * torch.log(pos + 1) / math.log(length), min=1.0)
-
-    def attend(self, query, key, value, mask, call: AttendCall):
-        length = self.training_length
-        if length is None:
-            length = getattr(getattr(call.module, "config", None), "max_position_embeddings", None)
-            if not length:
-                raise ValueError(f"{self.name}: give training_length (the model config has no "
-                                 "max_position_embeddings)")
-        f = self.factors(mask, length).to(device=query.device, dtype=query.dtype).view(1, 1, -1, 1)
-        # Scaling the query scales its logits; positions within the training length keep factor 1 exactly.
-        return dense_attention(query * f, key, value, mask, scale=call.scale, softcap=call.softcap,
-                               dropout=call.dropout, backend=self.backend)
+    def factors(self, positions, training_length):
+        return torch.clamp(self.scale * torch.log(positions + 1) / math.log(training_length), min=1.0)
