@@ -13,7 +13,6 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -277,7 +276,3 @@ def patched(model, method="dense", *, layers=None, **params):
 def patch_state(model) -> PatchState | None:
     return getattr(model, "_longattn", None)
 
-
-def patched_layers(model) -> Iterable[int]:
-    state = patch_state(model)
-    return () if state is None else state.layers

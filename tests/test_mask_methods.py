@@ -224,3 +224,16 @@ def test_strided_window_fast_path_equals_reference(method, q_len, kv_len, batch,
             grads.append([t.grad for t in leaves])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [SlidingWindow(window=5, backend="sdpa"),
+                                    SinkWindow(sink_tokens=2, window=4, backend="sdpa")], ids=repr)
+def test_restricted_mask_is_built_once_per_forward_not_per_layer(method, monkeypatch):
+    calls = []
+    real = AttentionMask.materialize
+    monkeypatch.setattr(AttentionMask, "materialize", lambda self: calls.append(1) or real(self))
+    model = make_model("llama")  # 3 layers share one mask per forward pass
+    ids, mask = left_padded_batch()
+    with torch.no_grad(), longattn.patched(model, method):
+        model(input_ids=ids, attention_mask=mask)
+    assert len(calls) == 1

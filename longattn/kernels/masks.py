@@ -138,22 +138,29 @@ class AttentionMask:
         """Bottom-right causal (or causal window) with no padded key: the same pattern for every query."""
         return self.structured and (self.padding is None or bool(self.padding.all()))
 
-    def restrict(self, extra: MaskFn, window: int | None = None) -> "AttentionMask":
+    def restrict(self, extra: MaskFn, window: int | None = None, cache_key=None) -> "AttentionMask":
         """A new mask allowing only the pairs both this mask and `extra` allow (absolute positions).
 
         `window` says that `extra` is a causal sliding window of that size, so that kernels with a native
-        window (flash-attn) can still express the result.
+        window (flash-attn) can still express the result. With a `cache_key` naming the pattern, the result
+        is kept on this mask: every layer of a forward pass shares the mask, so whatever the restricted mask
+        builds (a dense tensor, a block mask) is built once per pass, not once per layer.
         """
+        if cache_key is not None and ("restrict", cache_key) in self._cache:
+            return self._cache[("restrict", cache_key)]
         fn = self.fn
 
         def allowed(b, h, q, k):
             return fn(b, h, q, k) & extra(b, h, q, k)
 
         windows = [w for w in (self.window, window) if w is not None]
-        return AttentionMask(
+        restricted = AttentionMask(
             self.batch_size, self.q_len, self.kv_len, allowed, q_offset=self.q_offset, kv_offset=self.kv_offset,
             padding=self.padding, window=min(windows) if windows else None, is_causal=self.is_causal,
             structured=self.structured and (window is not None or extra is causal), device=self.device)
+        if cache_key is not None:
+            self._cache[("restrict", cache_key)] = restricted
+        return restricted
 
     def pair_count(self, window: int | None = None, sink_tokens: int = 0, dilation: int = 1) -> int:
         """Causal (query, key) pairs per sequence (padding not subtracted) under this mask's own window,

@@ -43,7 +43,7 @@ class Dilated(AttentionMethod):
         return mask.pair_count(self.window, dilation=self.dilation)
 
     def attend(self, query, key, value, mask, call: AttendCall):
-        pattern = mask.restrict(dilated_window(self.window, self.dilation))
+        pattern = mask.restrict(dilated_window(self.window, self.dilation), cache_key=repr(self))
         return local_attention(query, key, value, pattern, span=self.window * self.dilation,
                                backend=self.backend, scale=call.scale, softcap=call.softcap, dropout=call.dropout,
                                translation_invariant=mask.is_plain(),

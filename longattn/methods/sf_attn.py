@@ -66,7 +66,8 @@ class SinkShiftedSparse(AttentionMethod):
         first = None if mask.padding is None else mask.padding.to(torch.int64).argmax(dim=-1)
         outs = []
         for half, shift in ((0, 0), (1, self.group_size // 2)):
-            pattern = mask.restrict(grouped(self.group_size, shift, self.sink_tokens, first))
+            pattern = mask.restrict(grouped(self.group_size, shift, self.sink_tokens, first),
+                                    cache_key=(repr(self), shift))
             q = query[:, half * hq // 2:(half + 1) * hq // 2]
             k = key[:, half * hkv // 2:(half + 1) * hkv // 2]
             v = value[:, half * hkv // 2:(half + 1) * hkv // 2]

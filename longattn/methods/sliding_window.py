@@ -41,7 +41,7 @@ class SlidingWindow(AttentionMethod):
         return mask.pair_count(self.window)
 
     def attend(self, query, key, value, mask, call: AttendCall):
-        windowed = mask.restrict(sliding_window(self.window), window=self.window)
+        windowed = mask.restrict(sliding_window(self.window), window=self.window, cache_key=repr(self))
         return local_attention(query, key, value, windowed, span=self.window, backend=self.backend,
                                scale=call.scale, softcap=call.softcap, dropout=call.dropout,
                                translation_invariant=mask.is_plain())
