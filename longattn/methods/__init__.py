@@ -5,12 +5,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .act import AttentionCalibration
 from .base import AttendCall, AttentionMethod
 from .block_topk import BlockTopK
 from .dense import Dense
+from .dgqa import DynamicGQA
 from .dilated import Dilated
+from .kdgqa import KeyDistributedGQA
 from .logn import LogNScaling
 from .longlora import ShiftedSparse
+from .pgqa import PerturbedGQA
 from .routing import Routing
 from .sf_attn import SinkShiftedSparse
 from .sink_window import SinkWindow
@@ -21,7 +25,8 @@ from .yarn_temperature import YarnTemperature
 # name -> spec class; a new method adds one line here.
 METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
     BlockTopK, Dense, Dilated, LogNScaling, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow,
-    VerticalSlash, YarnTemperature)}
+    VerticalSlash, YarnTemperature,
+    AttentionCalibration, DynamicGQA, KeyDistributedGQA, PerturbedGQA)}
 
 
 @dataclass
@@ -55,5 +60,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
+__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
            "make_method", "method_infos"]
