@@ -1,0 +1,122 @@
+"""Ring attention: K/V blocks travel around the ranks while each rank attends its queries to them.
+
+Liu et al. 2023, Ring Attention with Blockwise Transformers for Near-Infinite Context (arXiv:2310.01889);
+ring self-attention from Li et al. 2021, Sequence Parallelism (arXiv:2105.13120).
+
+Forward: at step i rank r holds the K/V of rank r-i; it starts passing them on (batched isend/irecv) before
+attending to them, so the transfer overlaps the compute, and merges each block with the log-sum-exp.
+Backward (explicit: P2P ops carry no autograd): K/V go around again; each rank adds its queries' dK/dV for the
+K/V it holds to an accumulator that travels with them, so after P hops every accumulator is back at its
+owner. Only the KV heads travel (GQA stays unexpanded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import check_backend
+from .comm import DEFAULT_TIMEOUT_S, Ring
+from .local import attend_runs, attend_runs_backward
+from .patterns import CAUSAL, BlockPattern, Run
+from .sharding import ShardLayout
+
+
+@dataclass
+class RingPlan:
+    """What every rank of a ring agrees on: the position runs each rank holds (ring order), the pattern."""
+
+    runs: list[list[Run]]
+    pattern: BlockPattern = CAUSAL
+    scale: float = 1.0
+    backend: str = "auto"
+
+
+def ring_forward(q, k, v, plan: RingPlan, ring: Ring):
+    """(out in q's dtype, lse float32) of this rank's queries over the whole sequence."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    kv, mine = [k, v], plan.runs[ring.rank]
+    for step in range(ring.size):
+        src = (ring.rank - step) % ring.size
+        pending = ring.start(kv) if step < ring.size - 1 else None
+        attend_runs(q, kv[0], kv[1], mine, plan.runs[src], plan.pattern, plan.scale, plan.backend, out, lse)
+        if pending is not None:
+            kv = ring.finish(pending, f"ring attention forward (step {step}, K/V)")
+    return out.to(q.dtype), lse
+
+
+def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, ring: Ring):
+    """(dq, dk, dv) of this rank's q, k, v."""
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv, mine, dkv_pending = [k, v], plan.runs[ring.rank], None
+    for step in range(ring.size):
+        src = (ring.rank - step) % ring.size
+        kv_pending = ring.start(kv) if step < ring.size - 1 else None
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+        attend_runs_backward(dout, q, kv[0], kv[1], out, lse, mine, plan.runs[src], plan.pattern, plan.scale,
+                             plan.backend, dq, dk, dv)
+        if dkv_pending is not None:  # the accumulator for K/V of rank `src`, from the previous rank
+            acc = ring.finish(dkv_pending, f"ring attention backward (step {step}, dK/dV)")
+            dk, dv = acc[0].add_(dk), acc[1].add_(dv)
+        dkv_pending = ring.start([dk, dv])
+        if kv_pending is not None:
+            kv = ring.finish(kv_pending, f"ring attention backward (step {step}, K/V)")
+    dk, dv = ring.finish(dkv_pending, "ring attention backward (dK/dV back to their owner)")
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Thin autograd wrapper around ring_forward / ring_backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: RingPlan, ring: Ring):
+        out, lse = ring_forward(q, k, v, plan, ring)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.ring = plan, ring
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        dq, dk, dv = ring_backward(dout, *ctx.saved_tensors, ctx.plan, ctx.ring)
+        return dq, dk, dv, None, None
+
+
+def check_qkv(q, k, v, what: str) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{what}: q, k, v must be [batch, heads, local_seq, head_dim], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"{what}: shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{what}: query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+
+
+def ring_attention_runs(q, k, v, runs: list[list[Run]], group=None, *, pattern: BlockPattern = CAUSAL,
+                        scale: float | None = None, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Ring attention where rank i of `group` holds the absolute positions `runs[i]` (any layout)."""
+    check_qkv(q, k, v, "ring_attention")
+    check_backend(backend)
+    ring = Ring(group, timeout_s)
+    if len(runs) != ring.size:
+        raise ValueError(f"ring_attention: runs for {len(runs)} ranks but the group has {ring.size}")
+    local = sum(n for _, n in runs[ring.rank])
+    if local != q.shape[2]:
+        raise ValueError(f"ring_attention: rank {ring.rank} holds {q.shape[2]} positions but its runs cover {local}")
+    plan = RingPlan(runs, pattern, q.shape[-1] ** -0.5 if scale is None else scale, backend)
+    return RingAttentionFunction.apply(q, k, v, plan, ring)
+
+
+def ring_attention(q, k, v, group=None, *, layout: str | ShardLayout = "zigzag", pattern: BlockPattern = CAUSAL,
+                   scale: float | None = None, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Exact attention of this rank's shard (q, k, v: [B, H, S/P, D], sharded with `layout`) over the full
+    sequence; returns this rank's output shard. Differentiable."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    layout = ShardLayout(layout, world) if isinstance(layout, str) else layout
+    if layout.world != world:
+        raise ValueError(f"ring_attention: layout is for {layout.world} ranks but the group has {world}")
+    return ring_attention_runs(q, k, v, layout.all_runs(q.shape[2] * world), group, pattern=pattern, scale=scale,
+                               backend=backend, timeout_s=timeout_s)

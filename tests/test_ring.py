@@ -1,0 +1,197 @@
+"""Ring attention over real gloo process groups (2 and 4 ranks) against single-process dense attention with an
+explicit mask: outputs and q/k/v gradients in fp32 to 1e-5; block skipping and zigzag balance; dead peers."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from longattn.parallel import BlockPattern, ShardLayout, SequenceParallelError, ring_attention
+from longattn.parallel.launch import run_distributed
+from longattn.parallel.local import attend_runs
+from longattn.parallel.patterns import EMPTY, FULL, run_positions
+
+TOL = 1e-5
+PATTERNS = {
+    "causal": BlockPattern(),
+    "full": BlockPattern(causal=False),
+    "window": BlockPattern(window=5),
+    "sinks": BlockPattern(window=5, sink_tokens=3),
+}
+
+
+def reference_attention(q, k, v, pattern: BlockPattern, scale: float):
+    """The slow, obvious reference: explicit scores, explicit mask over absolute positions, softmax."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    pos = torch.arange(q.shape[2])
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~pattern.allowed(pos, pos), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def full_inputs(seed, seq, heads=4, kv_heads=2, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, seq, dim, generator=g) * 2  # larger logits make masking mistakes visible
+    k = torch.randn(2, kv_heads, seq, dim, generator=g)
+    v = torch.randn(2, kv_heads, seq, dim, generator=g)
+    grad = torch.randn(2, heads, seq, dim, generator=g)
+    return q, k, v, grad
+
+
+def compare(attn_fn, rank, world, shard_layout: ShardLayout, pattern, seed, seq, heads, kv_heads, **kw):
+    """Max abs errors of (out, dq, dk, dv) of this rank's shard vs the reference, sharded the same way."""
+    q, k, v, grad = full_inputs(seed, seq, heads, kv_heads)
+    layout, scale = shard_layout, 0.3
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*leaves, pattern, scale)
+    (ref * grad).sum().backward()
+    shard = [layout.shard(t, rank, dim=2).clone().requires_grad_() for t in (q, k, v)]
+    out = attn_fn(*shard, pattern=pattern, scale=scale, **kw)
+    (out * layout.shard(grad, rank, dim=2)).sum().backward()
+    errs = [(out - layout.shard(ref, rank, dim=2)).abs().max().item()]
+    errs += [(s.grad - layout.shard(l.grad, rank, dim=2)).abs().max().item() for s, l in zip(shard, leaves)]
+    return errs
+
+
+RING_CASES = [  # (name, layout kind, pattern, heads, kv heads, backend)
+    ("causal-zigzag-mha", "zigzag", "causal", 4, 4, "auto"),
+    ("causal-zigzag-gqa", "zigzag", "causal", 4, 2, "auto"),
+    ("causal-contiguous-gqa", "contiguous", "causal", 4, 1, "auto"),
+    ("full-zigzag-gqa", "zigzag", "full", 4, 2, "auto"),
+    ("full-contiguous-mha", "contiguous", "full", 4, 4, "auto"),
+    ("window-zigzag", "zigzag", "window", 4, 2, "auto"),
+    ("window-contiguous", "contiguous", "window", 4, 2, "auto"),
+    ("sinks-zigzag", "zigzag", "sinks", 4, 2, "auto"),
+    ("causal-zigzag-math", "zigzag", "causal", 4, 2, "math"),  # the plain-torch kernels (CUDA backward path)
+    ("sinks-contiguous-math", "contiguous", "sinks", 4, 2, "math"),
+]
+
+
+def ring_worker(rank, world):
+    results = {}
+    for i, (name, kind, pat, h, hkv, backend) in enumerate(RING_CASES):
+        layout = ShardLayout(kind, world)
+        seq = 8 * layout.chunks  # 8 positions per chunk: windows of 5 cross chunk borders, skip whole blocks
+        results[name] = compare(ring_attention, rank, world, layout, PATTERNS[pat], i, seq, h, hkv,
+                                layout=layout, backend=backend)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_matches_dense(world):
+    per_rank = run_distributed(ring_worker, world, timeout_s=150)
+    for rank, results in enumerate(per_rank):
+        for name, errs in results.items():
+            assert max(errs) <= TOL, f"rank {rank} {name}: max abs err (out, dq, dk, dv) = {errs}"
+
+
+def test_patterns_classify_like_brute_force():
+    """EMPTY / FULL from run bounds must agree with the explicit mask over every pair of runs."""
+    for pattern in PATTERNS.values():
+        for q0 in range(0, 20, 3):
+            for k0 in range(0, 20, 2):
+                for qn, kn in ((4, 4), (1, 7), (6, 2)):
+                    m = pattern.block_mask((q0, qn), (k0, kn))
+                    kind = pattern.classify((q0, qn), (k0, kn))
+                    assert (kind == EMPTY) == (not m.any()), (pattern, q0, qn, k0, kn, kind)
+                    if kind == FULL:
+                        assert m.all(), (pattern, q0, qn, k0, kn)
+
+
+def test_fully_masked_blocks_are_skipped(monkeypatch):
+    """A window narrower than a chunk: only blocks with an allowed pair reach the kernel."""
+    import longattn.parallel.local as local
+
+    calls = []
+    real = local.block_forward
+    monkeypatch.setattr(local, "block_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    layout, seq = ShardLayout("zigzag", 4), 64
+    pattern = BlockPattern(window=3, sink_tokens=2)
+    q, k, v, _ = full_inputs(0, seq)
+    for rank in range(4):
+        for src in range(4):
+            calls.clear()
+            qr, kr = layout.runs(rank, seq), layout.runs(src, seq)
+            out = torch.zeros(2, 4, 16, 8)
+            lse = torch.full((2, 4, 16), float("-inf"))
+            attend_runs(layout.shard(q, rank, 2), layout.shard(k, src, 2), layout.shard(v, src, 2), qr, kr, pattern,
+                        0.3, "auto", out, lse)
+            needed = sum(bool(pattern.block_mask(a, b).any()) for a in local.coalesce(qr) for b in local.coalesce(kr))
+            assert len(calls) == needed
+
+
+def test_zigzag_balances_causal_work():
+    """Every rank attends the same number of causal pairs under zigzag (not under contiguous)."""
+    seq, world = 64, 4
+    pos = torch.arange(seq)
+    for kind, balanced in (("zigzag", True), ("contiguous", False)):
+        layout = ShardLayout(kind, world)
+        work = [int(BlockPattern().allowed(run_positions(layout.runs(r, seq)), pos).sum()) for r in range(world)]
+        assert (len(set(work)) == 1) == balanced, (kind, work)
+
+
+def test_sharding_roundtrip_and_padding_errors():
+    from longattn.parallel import pad_for_sharding, shift_labels
+
+    x = torch.arange(2 * 24).view(2, 24)
+    for kind in ("zigzag", "contiguous"):
+        layout = ShardLayout(kind, 3)
+        shards = [layout.shard(x, r) for r in range(3)]
+        assert torch.equal(layout.unshard_local(shards), x)
+        assert torch.equal(torch.cat([layout.positions(r, 24) for r in range(3)]).sort().values, torch.arange(24))
+    with pytest.raises(ValueError, match="not divisible by 8.*pad_for_sharding"):
+        ShardLayout("zigzag", 4).shard(torch.zeros(1, 30), 0)
+    ids = torch.arange(1, 31).view(1, 30)
+    padded, labels, pos = pad_for_sharding(ids, shift_labels(ids), ShardLayout("zigzag", 4), pad_token_id=0)
+    assert padded.shape[1] == 32 and (labels[0, 29:] == -100).all() and labels[0, 28] == 30
+    assert torch.equal(pos[0], torch.arange(32))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ShardLayout("striped", 2)
+    with pytest.raises(ValueError, match="need causal=True"):
+        BlockPattern(causal=False, window=4)
+
+
+def hung_peer_worker(rank, world, flag):
+    """Rank 1 never joins the ring (as if stuck in another step); rank 0 must fail within its timeout."""
+    if rank == 1:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return None
+    q = torch.randn(1, 2, 8, 4)
+    t0 = time.monotonic()
+    try:
+        ring_attention(q, q, q, timeout_s=3)
+    except SequenceParallelError as e:
+        return time.monotonic() - t0, str(e)
+    finally:
+        open(flag, "w").close()
+    return None
+
+
+def dead_peer_worker(rank, world):
+    """Rank 1 dies; rank 0's ring exchange must end with a clear error, not a hang."""
+    if rank == 1:
+        os._exit(1)
+    q = torch.randn(1, 2, 8, 4)
+    t0 = time.monotonic()
+    try:
+        ring_attention(q, q, q, timeout_s=5)
+    except SequenceParallelError as e:
+        return time.monotonic() - t0, str(e)
+    return None
+
+
+def test_hung_or_dead_peer_gives_clear_error_within_timeout(tmp_path):
+    elapsed, msg = run_distributed(hung_peer_worker, 2, str(tmp_path / "done"), timeout_s=60)[0]
+    assert elapsed < 15 and "ring attention forward" in msg and "peer rank" in msg, (elapsed, msg)
+    res = run_distributed(dead_peer_worker, 2, timeout_s=60, may_exit=(1,))[0]
+    assert res is not None, "rank 0 finished the ring although its peer had died"
+    elapsed, msg = res
+    assert elapsed < 20 and "ring attention forward" in msg, (elapsed, msg)
