@@ -9,6 +9,7 @@
 from .gqa import convert_to_gqa, kv_cache_bytes_per_token
 from .kernels import AttentionMask, dense_attention
 from .methods import METHODS, AttentionMethod, Dense, MethodInfo, method_infos
+from .methods.act import act_select_heads
 from .patching import UnsupportedModelError, patch, patch_state, patched, unpatch
 from .recipes import load_recipe, recipe_names
 from .reference import reference_model, reference_model_path
@@ -22,7 +23,7 @@ def methods() -> list[MethodInfo]:
 
 
 __all__ = [
-    "AttentionMask", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "UnsupportedModelError",
+    "AttentionMask", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "UnsupportedModelError", "act_select_heads",
     "convert_to_gqa", "dense_attention", "kv_cache_bytes_per_token", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",
     "reference_model", "reference_model_path", "unpatch",
 ]
