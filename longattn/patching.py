@@ -26,6 +26,7 @@ TESTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Phi3", 
 _LAYER_ATTR = "_longattn_method"  # set on each patched attention module
 _ORIG_ATTR = "_longattn_original"  # the model's original attention implementation name, on every module
 _METER_ATTR = "_longattn_meter"  # the model's DensityMeter, on every module
+_SP_ATTR = "_longattn_sp"  # a longattn.parallel SequenceParallel, on each patched module when attention is sharded
 
 
 class UnsupportedModelError(ValueError):
@@ -62,6 +63,9 @@ class PatchState:
     method: AttentionMethod
     layers: tuple[int, ...]
     meter: DensityMeter = field(default_factory=DensityMeter)
+    sequence_parallel: object = None  # a longattn.parallel.SequenceParallel when the sequence is sharded over ranks
+    kv_policy: object = None  # a longattn.kvcache.KVPolicy when the KV cache is compressed
+    kv_hook: object = None  # the forward pre-hook that puts the compressed cache in place
 
 
 class HFMask(AttentionMask):
@@ -112,7 +116,39 @@ def _original_function(module: nn.Module, impl: str):
 
 def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                        sliding_window=None, softcap=None, **kwargs):
-    """The function registered under AttentionInterface["longattn"]; dispatches per layer."""
+    """The function registered under AttentionInterface["longattn"]; dispatches per layer, and lets a
+    compressed KV cache (longattn.kvcache) attend over what it kept and evict after seeing the queries."""
+    from .kvcache.cache import default_pattern, take_pending
+
+    cache_layer = take_pending(getattr(module, "layer_idx", None))
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if cache_layer is not None and cache_layer.compressed:
+        out, allowed = cache_layer.attend(query, default_pattern(getattr(module, _LAYER_ATTR, None), cache_layer),
+                                          scale, softcap, sliding_window)
+        meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
+        if meter is not None:
+            q_tok = cache_layer.token_index[0, 0, -query.shape[2]:]
+            meter.add("prefill" if query.shape[2] > 1 else "decode",
+                      int(allowed[0].sum()) // allowed.shape[1], int((q_tok + 1).sum()))
+        result = out.transpose(1, 2).contiguous(), None
+    else:
+        result = _dispatch(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           sliding_window=sliding_window, softcap=softcap, **kwargs)
+    if cache_layer is not None:
+        cache_layer.after_attention(query, scale, softcap)
+    return result
+
+
+def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+              softcap=None, **kwargs):
+    sp = getattr(module, _SP_ATTR, None)
+    if sp is not None:  # the sequence is sharded over ranks: ring / Ulysses attention (longattn.parallel)
+        from .parallel.hf import sequence_parallel_attention
+
+        out = sequence_parallel_attention(
+            sp, query, key, value, attention_mask, scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
+            softcap=softcap, dropout=dropout, sliding_window=sliding_window, position_ids=kwargs.get("position_ids"))
+        return out.transpose(1, 2).contiguous(), None
     method: AttentionMethod | None = getattr(module, _LAYER_ATTR, None)
     meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
     phase = "prefill" if query.shape[2] > 1 else "decode"
@@ -227,11 +263,45 @@ def resolve_method(method, params: dict) -> tuple[AttentionMethod, object]:
     raise TypeError(f"method must be a name, an AttentionMethod spec or a recipe path, got {type(method).__name__}")
 
 
-def patch(model, method="dense", *, layers=None, **params):
-    """Make `model` attend with `method` (in place); returns the model. A second patch replaces the first."""
-    mods = _check_supported(model)
+def resolve_kv_cache(method, kv_cache, params: dict):
+    """(attention spec, layers, KV policy or None): a KV policy name as `method` means dense attention with
+    that policy; `kv_cache` (a policy object, a name, or {"policy": name, **params}) composes one with `method`."""
+    from .kvcache import POLICIES, make_policy
+
+    if isinstance(method, str) and method in POLICIES:
+        if kv_cache is not None:
+            raise ValueError(f"{method!r} is a KV-cache policy; pass either it as the method or kv_cache=, not both")
+        return make_method("dense"), None, make_policy(method, **params)
     spec, recipe_layers = resolve_method(method, params)
+    if kv_cache is None:
+        return spec, recipe_layers, None
+    if isinstance(kv_cache, dict):
+        kv_params = dict(kv_cache)
+        if "policy" not in kv_params:
+            raise ValueError(f"kv_cache: a dict needs a 'policy' key (one of {sorted(POLICIES)}), got {kv_cache!r}")
+        policy = make_policy(kv_params.pop("policy"), **kv_params)
+    else:
+        policy = make_policy(kv_cache)
+    spec.position_pattern(None)  # raises for methods that cannot attend over a compressed cache
+    return spec, recipe_layers, policy
+
+
+def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_parallel=None, **params):
+    """Make `model` attend with `method` (in place); returns the model. A second patch replaces the first.
+
+    `method` may also name a KV-cache policy ("h2o", "snapkv", ...; see longattn.kvcache), or `kv_cache=`
+    adds one to an attention method: generate() then runs with a compressed cache.
+    """
+    mods = _check_supported(model)
+    spec, recipe_layers, policy = resolve_kv_cache(method, kv_cache, params)
     chosen = _resolve_layers(recipe_layers if layers is None else layers, len(mods))
+    sp = None
+    if sequence_parallel is not None:  # a SequenceParallel, ProcessGroup or group size (longattn.parallel)
+        from .parallel.hf import sequence_parallel_for
+
+        sp = sequence_parallel_for(sequence_parallel, spec, len(chosen) == len(mods))
+    if policy is not None and len(chosen) != len(mods):
+        raise ValueError("a compressed KV cache covers every layer: patch all layers (layers=None) with kv_cache")
     if getattr(model, "_longattn", None) is not None:
         unpatch(model)
     _register()
@@ -239,12 +309,18 @@ def patch(model, method="dense", *, layers=None, **params):
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
         raise UnsupportedModelError(f"{type(model).__name__} refused set_attn_implementation({ATTN_NAME!r})")
-    state = PatchState(original, spec, chosen)
+    state = PatchState(original, spec, chosen, sequence_parallel=sp)
     for m in mods:
         setattr(m, _ORIG_ATTR, original)
         setattr(m, _METER_ATTR, state.meter)
         if m.layer_idx in chosen:
             setattr(m, _LAYER_ATTR, spec)
+            if sp is not None:
+                setattr(m, _SP_ATTR, sp)
+    if policy is not None:
+        from .kvcache.cache import install_cache_hook
+
+        state.kv_policy, state.kv_hook = policy, install_cache_hook(model, policy)
     model._longattn = state
     return model
 
@@ -255,8 +331,10 @@ def unpatch(model):
     if state is None:
         return model
     model.set_attn_implementation(state.original_impl)
+    if state.kv_hook is not None:
+        state.kv_hook.remove()
     for m in attention_modules(model):
-        for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR):
+        for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR):
             if hasattr(m, attr):
                 delattr(m, attr)
     del model._longattn
@@ -264,9 +342,9 @@ def unpatch(model):
 
 
 @contextlib.contextmanager
-def patched(model, method="dense", *, layers=None, **params):
+def patched(model, method="dense", *, layers=None, kv_cache=None, **params):
     """`with patched(model, "dense"): ...` patches for the block and always restores the original."""
-    patch(model, method, layers=layers, **params)
+    patch(model, method, layers=layers, kv_cache=kv_cache, **params)
     try:
         yield model
     finally:

@@ -49,6 +49,14 @@ class AttentionMethod:
         """Query-key pairs this method attends to in one call (per sequence): the density numerator."""
         return mask.pair_count()
 
+    def position_pattern(self, first_token: torch.Tensor | None = None):
+        """The method's pattern as a mask function over absolute positions, used to attend over a compressed
+        KV cache (whose kept keys are no longer contiguous). `first_token` [B] is each sequence's first real
+        token. Methods whose keys depend on the content, or on contiguous blocks, cannot run there."""
+        raise ValueError(f"{self.name} cannot attend over a compressed KV cache (its keys are chosen from "
+                         f"contiguous blocks or from their content); compose kv_cache with dense, sliding_window, "
+                         f"sink_window or dilated")
+
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kernels.dense import BACKENDS, dense_attention
+from ..kernels.masks import causal
 from .base import AttendCall, AttentionMethod, check
 
 
@@ -30,3 +31,6 @@ class Dense(AttentionMethod):
     def attend(self, query, key, value, mask, call: AttendCall):
         return dense_attention(query, key, value, mask, scale=call.scale, softcap=call.softcap,
                                dropout=call.dropout, backend=self.backend)
+
+    def position_pattern(self, first_token=None):
+        return causal

@@ -42,6 +42,9 @@ class Dilated(AttentionMethod):
     def computed_pairs(self, mask) -> int:
         return mask.pair_count(self.window, dilation=self.dilation)
 
+    def position_pattern(self, first_token=None):
+        return dilated_window(self.window, self.dilation)
+
     def attend(self, query, key, value, mask, call: AttendCall):
         pattern = mask.restrict(dilated_window(self.window, self.dilation), cache_key=repr(self))
         return local_attention(query, key, value, pattern, span=self.window * self.dilation,

@@ -48,6 +48,9 @@ class SinkWindow(AttentionMethod):
     def computed_pairs(self, mask) -> int:
         return mask.pair_count(self.window, sink_tokens=self.sink_tokens)
 
+    def position_pattern(self, first_token=None):
+        return sinks_and_window(self.sink_tokens, self.window, first_token)
+
     def attend(self, query, key, value, mask, call: AttendCall):
         first = None
         if mask.padding is not None:  # index of each row's first real token

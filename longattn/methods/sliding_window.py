@@ -40,6 +40,9 @@ class SlidingWindow(AttentionMethod):
     def computed_pairs(self, mask) -> int:
         return mask.pair_count(self.window)
 
+    def position_pattern(self, first_token=None):
+        return sliding_window(self.window)
+
     def attend(self, query, key, value, mask, call: AttendCall):
         windowed = mask.restrict(sliding_window(self.window), window=self.window, cache_key=repr(self))
         return local_attention(query, key, value, windowed, span=self.window, backend=self.backend,

@@ -1,0 +1,38 @@
+"""KV-cache compression: eviction policies over a transformers Cache (one policy per file)."""
+from __future__ import annotations
+
+import dataclasses
+
+from .adakv import AdaKV
+from .base import KVPolicy, ScoreInput
+from .cache import CompressedCache, CompressedLayer
+from .h2o import H2O
+from .knorm import KNorm
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
+from .streaming_llm import StreamingLLM
+from .tova import TOVA
+
+# name -> spec class; a new policy adds one line here.
+POLICIES: dict[str, type[KVPolicy]] = {cls.name: cls for cls in (
+    AdaKV, H2O, KNorm, PyramidKV, SnapKV, StreamingLLM, TOVA)}
+
+
+def make_policy(name, **params) -> KVPolicy:
+    """A validated policy from a name (or a policy object, returned as is) and keyword parameters."""
+    if isinstance(name, KVPolicy):
+        if params:
+            raise ValueError("pass parameters either in the policy object or as keywords, not both")
+        return name
+    if name not in POLICIES:
+        raise ValueError(f"unknown KV-cache policy {name!r}; available: {sorted(POLICIES)}")
+    cls = POLICIES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(params) - fields
+    if unknown:
+        raise ValueError(f"{name}: unknown parameter(s) {sorted(unknown)}; its parameters are {sorted(fields)}")
+    return cls(**params)
+
+
+__all__ = ["AdaKV", "CompressedCache", "CompressedLayer", "H2O", "KNorm", "KVPolicy", "POLICIES", "PyramidKV",
+           "ScoreInput", "SnapKV", "StreamingLLM", "TOVA", "make_policy"]

@@ -1,0 +1,283 @@
+"""A transformers `Cache` whose layers evict entries by a policy, so `model.generate` runs unchanged.
+
+Flow of one forward through one layer: `CompressedLayer.update` appends this forward's keys and values and
+returns kept + new (as transformers' DynamicLayer does); the layer's attention (longattn's AttentionInterface
+function) attends over them, then calls `after_attention` with this forward's queries; there the policy scores
+every entry and the layer evicts down to its budget. Between forwards a layer therefore never holds more than
+its budget. Until the first eviction the entries are exactly a DynamicLayer's, so attention takes the model's
+usual path (identical logits); afterwards the kept entries are no longer a contiguous run of positions and
+attention is computed over them with an explicit mask built from their stream indices.
+
+Every entry carries its stream index (its index among all tokens fed so far, pads included) and a validity
+bit (False for pads and for the empty slots of head-adaptive budgets): `kept_positions(layer)` exposes them.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ..kernels.dense import dense_attention, repeat_kv
+from ..kernels.masks import AttentionMask, causal
+from .base import KVPolicy, ScoreInput, drop_invalid
+
+# The layer whose `update` ran last on this thread and still waits for its queries. transformers calls
+# `cache.update` right before the attention function in every attention module, so the handoff is exact.
+_pending = threading.local()
+
+
+def take_pending(layer_idx) -> "CompressedLayer | None":
+    layer = getattr(_pending, "layer", None)
+    if layer is None or layer.layer_idx != layer_idx:
+        return None
+    _pending.layer = None
+    return layer
+
+
+class CompressedLayer(DynamicLayer):
+    """One attention layer's entries, evicted by `policy` after every forward (see the module docstring)."""
+
+    is_croppable = False
+
+    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, cache: "CompressedCache"):
+        super().__init__()
+        self.policy, self.layer_idx, self.n_layers, self.cache = policy, layer_idx, n_layers, cache
+        self.cumulative_length = 0
+        self.token_index = self.valid = None
+        self.entry_state: dict[str, torch.Tensor] = {}
+        self.state: dict = {}
+        self.n_new = 0
+        self.awaiting = False  # update ran, its attention (and eviction) has not
+        self.compressed = False  # entries are no longer the plain prefix of the stream
+        self.prompt_length: int | None = None
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        b, h = key_states.shape[:2]
+        self.keys = key_states.new_zeros(b, h, 0, key_states.shape[-1])
+        self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+        self.token_index = torch.zeros(b, h, 0, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(b, h, 0, dtype=torch.bool, device=self.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.awaiting:
+            raise RuntimeError(
+                f"longattn KV cache, layer {self.layer_idx}: the previous forward never reached longattn's "
+                f"attention, so the {self.policy.name!r} policy could not evict. Patch the model first "
+                f"(longattn.patch(model, {self.policy.name!r}, ...) or longattn.patch(model, method, kv_cache=...))")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q = key_states.shape[:3]
+        tok = torch.arange(self.cumulative_length, self.cumulative_length + q, device=self.device)
+        new_valid = self.cache.new_token_validity(b, q, self.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.token_index = torch.cat([self.token_index, tok.expand(b, h, q)], dim=-1)
+        self.valid = torch.cat([self.valid, new_valid[:, None, :].expand(b, h, q)], dim=-1)
+        self.cumulative_length += q
+        self.n_new = q
+        self.awaiting = True
+        _pending.layer = self
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The kept entries then the new ones; while nothing was evicted this is exactly DynamicLayer's answer.
+        held = 0 if self.keys is None else self.keys.shape[-2]
+        return held + query_length, self.cumulative_length - held
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed KV cache cannot be cropped (evicted entries are gone)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_apply(lambda t: t[indices])
+
+    def _batch_apply(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.token_index, self.valid = fn(self.token_index), fn(self.valid)
+        self.entry_state = {k: fn(v) for k, v in self.entry_state.items()}
+
+    # ---------------------------------------------------------------------------------- attention side
+    def attend(self, query, pattern, scale: float, softcap: float | None, sliding_window: int | None):
+        """Attention of this forward's queries over the kept + new entries, by stream index: causal, valid
+        entries only, restricted by the layer's positional `pattern` (a mask function over stream indices, or
+        None for plain causal) and by the model's own sliding window. Returns [B, Hq, Q, D]."""
+        q_tok = self.token_index[:, :1, -self.n_new:].unsqueeze(-1)  # [B, 1, Q, 1]
+        k_tok = self.token_index.unsqueeze(2)  # [B, Hkv, 1, N]
+        allowed = self.valid.unsqueeze(2) & (k_tok <= q_tok)
+        if pattern is not None:
+            b = torch.arange(query.shape[0], device=query.device).view(-1, 1, 1, 1)
+            h = torch.arange(self.keys.shape[1], device=query.device).view(1, -1, 1, 1)
+            allowed = allowed & pattern(b, h, q_tok, k_tok)
+        if sliding_window is not None:
+            allowed = allowed & (q_tok - k_tok < sliding_window)
+        allowed = repeat_kv(allowed, query.shape[1] // self.keys.shape[1])
+        mask = AttentionMask.from_tensor(allowed)
+        return dense_attention(query, self.keys, self.values, mask, scale=scale, softcap=softcap,
+                               backend="sdpa" if softcap is None else "math"), allowed
+
+    def first_token(self) -> torch.Tensor:
+        """[B] stream index of each sequence's first real (non-pad) token among the entries."""
+        big = torch.iinfo(torch.long).max
+        return torch.where(self.valid[:, 0], self.token_index[:, 0], big).amin(-1)
+
+    def after_attention(self, query: torch.Tensor, scale: float, softcap: float | None) -> None:
+        """Score the entries with this forward's queries and evict down to the policy's target."""
+        self.awaiting = False
+        first = self.prompt_length is None
+        if first:
+            self.prompt_length = self.cumulative_length
+        n = self.keys.shape[-2]
+        keep = self.policy.target(n, self.prompt_length if first else None, self.layer_idx, self.n_layers)
+        if keep is None and not self.policy.stateful:
+            return
+        inp = ScoreInput(self.keys, self.values, self.token_index, self.valid, query, self.n_new, scale, softcap,
+                         self.layer_idx, self.n_layers, first, self.entry_state, self.state)
+        scores = self.policy.score(inp)
+        if keep is None:
+            return
+        idx, slot_valid = self.policy.select(drop_invalid(scores, inp), keep)
+        self.evict(idx, slot_valid)
+
+    def evict(self, idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
+        """Keep entries `idx` [B, Hkv, M] (slots with slot_valid False become empty)."""
+        def take(t):
+            return t.gather(2, idx) if t.dim() == 3 else t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+
+        kept_valid = take(self.valid) & slot_valid
+        if self.policy.shifts_positions:
+            evicted = self.valid.clone()
+            evicted.scatter_(2, idx, False)
+            # Kept keys move back by the number of real tokens evicted before them (StreamingLLM: positions
+            # are positions in the cache, not in the text).
+            before = evicted.long().cumsum(-1).gather(2, idx)
+            self.keys = self.cache.rerotate(take(self.keys), -before)
+            if self.layer_idx == 0:  # a positional policy evicts the same tokens in every layer
+                self.cache.add_position_shift(evicted[:, 0].sum(-1))
+        else:
+            self.keys = take(self.keys)
+        self.values = take(self.values)
+        self.token_index = take(self.token_index)
+        self.valid = kept_valid
+        self.entry_state.update({k: take(v) for k, v in self.entry_state.items()})
+        self.compressed = True
+
+
+class CompressedCache(Cache):
+    """A transformers Cache of `CompressedLayer`s, one per attention layer of `model`, sharing one policy.
+
+    Pass it to `model.generate(..., cache=...)` on a patched model, or let `longattn.patch(model, policy, ...)`
+    put one in place of the cache generate would have made.
+    """
+
+    def __init__(self, policy: KVPolicy, model):
+        from ..patching import attention_modules
+
+        n_layers = len(attention_modules(model))
+        self.policy = policy
+        self.position_shift: torch.Tensor | None = None
+        self._new_validity: torch.Tensor | None = None
+        self._inv_freq = _rotary_inv_freq(model) if policy.shifts_positions else None
+        super().__init__(layers=[CompressedLayer(policy, i, n_layers, self) for i in range(n_layers)])
+
+    # -------------------------------------------------------------------------- set by the model hook
+    def set_new_validity(self, attention_mask: torch.Tensor | None, q: int) -> None:
+        """The 2D attention mask of the coming forward; its last q columns say which new tokens are pads."""
+        self._new_validity = None if attention_mask is None or attention_mask.dim() != 2 else \
+            attention_mask[:, -q:].bool()
+
+    def new_token_validity(self, b: int, q: int, device) -> torch.Tensor:
+        v = self._new_validity
+        if v is None or v.shape != (b, q):
+            return torch.ones(b, q, dtype=torch.bool, device=device)
+        return v.to(device)
+
+    # ------------------------------------------------------------------------- StreamingLLM positions
+    def add_position_shift(self, evicted: torch.Tensor) -> None:
+        """[B] real tokens evicted before the current end of the stream: new tokens' positions move back."""
+        self.position_shift = evicted if self.position_shift is None else self.position_shift + evicted
+
+    def rerotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate RoPE keys [B, H, N, D] by `delta` [B, H, N] more positions (rotations compose)."""
+        inv_freq = self._inv_freq.to(keys.device)
+        rot = 2 * inv_freq.numel()
+        angle = delta.unsqueeze(-1).float() * inv_freq  # [B, H, N, rot/2]
+        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+        k = keys[..., :rot].float()
+        half = rot // 2
+        rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+        out = (k * cos + rotated_half * sin).to(keys.dtype)
+        return torch.cat([out, keys[..., rot:]], dim=-1) if rot < keys.shape[-1] else out
+
+    # -------------------------------------------------------------------------------- inspection
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """[B, Hkv, M] stream indices of the entries layer `layer_idx` holds (-1 for empty slots / pads)."""
+        layer = self.layers[layer_idx]
+        return torch.where(layer.valid, layer.token_index, -1)
+
+    def kept_tokens(self) -> list[int]:
+        """Valid entries per layer, summed over batch and KV heads."""
+        return [int(layer.valid.sum()) if layer.is_initialized else 0 for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes of the key/value tensors held (what the cache costs in memory)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
+                   for t in (layer.keys, layer.values))
+
+
+def _rotary_inv_freq(model) -> torch.Tensor:
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
+            return module.inv_freq.detach().float().clone()
+    raise ValueError(f"{type(model).__name__} has no rotary embedding: shifting kept keys to cache positions "
+                     f"needs RoPE; use shift_positions=False")
+
+
+def is_fresh_cache(cache) -> bool:
+    """A cache generate() just made and nothing has been written to: safe to replace with a compressed one."""
+    return type(cache) is DynamicCache and cache.get_seq_length() == 0
+
+
+def default_pattern(method, layer: CompressedLayer):
+    """The positional pattern `method` has over kept entries in decoding (causal for layers it leaves alone)."""
+    if method is None:
+        return causal
+    return method.position_pattern(layer.first_token())
+
+
+def install_cache_hook(model, policy: KVPolicy):
+    """A forward pre-hook on the model's decoder that swaps the empty cache generate() made (or none, with
+    use_cache=True) for a CompressedCache, and tells a compressed cache which new tokens are pads and, for
+    StreamingLLM, where positions continue. Returns the hook handle."""
+    def hook(module, args, kwargs):
+        if module.training:
+            return None
+        name = "past_key_values" if "past_key_values" in kwargs and "cache" not in kwargs else "cache"
+        cache = kwargs.get(name)
+        if is_fresh_cache(cache) or (cache is None and kwargs.get("use_cache") is True):
+            cache = kwargs[name] = CompressedCache(policy, model)
+        if isinstance(cache, CompressedCache):
+            x = kwargs.get("input_ids")
+            x = kwargs.get("inputs_embeds") if x is None else x
+            x = args[0] if x is None and args else x
+            q = x.shape[1]
+            cache.set_new_validity(kwargs.get("attention_mask"), q)
+            if cache.position_shift is not None:
+                positions = kwargs.get("position_ids")
+                if positions is None:
+                    positions = torch.arange(q, device=x.device)[None] + cache.get_seq_length()
+                kwargs["position_ids"] = positions - cache.position_shift.to(positions.device)[:, None]
+        return args, kwargs
+
+    return model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
