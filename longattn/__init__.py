@@ -13,6 +13,8 @@ from .methods.act import act_select_heads
 from .patching import UnsupportedModelError, patch, patch_state, patched, unpatch
 from .recipes import load_recipe, recipe_names
 from .reference import reference_model, reference_model_path
+from .ssa import (add_selective_attention, load_selective, remove_selective_attention, save_selective,
+                  selective_parameter_count)
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,8 @@ def methods() -> list[MethodInfo]:
 
 __all__ = [
     "AttentionMask", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "UnsupportedModelError", "act_select_heads",
+    "add_selective_attention", "load_selective", "remove_selective_attention", "save_selective",
+    "selective_parameter_count",
     "convert_to_gqa", "dense_attention", "kv_cache_bytes_per_token", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",
     "reference_model", "reference_model_path", "unpatch",
 ]

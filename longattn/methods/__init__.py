@@ -18,6 +18,7 @@ from .pgqa import PerturbedGQA
 from .routing import Routing
 from .sf_attn import SinkShiftedSparse
 from .sink_window import SinkWindow
+from .ssa import SelectiveAttention
 from .sliding_window import SlidingWindow
 from .vertical_slash import VerticalSlash
 from .yarn_temperature import YarnTemperature
@@ -26,7 +27,7 @@ from .yarn_temperature import YarnTemperature
 METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
     BlockTopK, Dense, Dilated, LogNScaling, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow,
     VerticalSlash, YarnTemperature,
-    AttentionCalibration, DynamicGQA, KeyDistributedGQA, PerturbedGQA)}
+    AttentionCalibration, DynamicGQA, KeyDistributedGQA, PerturbedGQA, SelectiveAttention)}
 
 
 @dataclass
@@ -60,5 +61,5 @@ def make_method(name: str, **params) -> AttentionMethod:
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
+__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "SelectiveAttention", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
            "make_method", "method_infos"]
