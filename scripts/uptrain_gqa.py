@@ -4,7 +4,7 @@
 briefly on the reference model's own training mix, and measure held-out perplexity before conversion, after
 it and after uptraining, with the KV-cache bytes per token.
 
-    PYTHONPATH=. python scripts/uptrain_gqa.py                       # every row, ~20 min on 2 CPU cores
+    PYTHONPATH=. python scripts/uptrain_gqa.py                       # every row, ~20-25 min on 2 busy CPU cores
     PYTHONPATH=. python scripts/uptrain_gqa.py --rows g2 --steps 20  # a quick look
 
 Each finished row is appended to evals/results/gqa/results.jsonl at once (a row already there is skipped, so
@@ -113,7 +113,7 @@ def write_report(rows: list[dict], out: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--tokens-per-step", type=int, default=8192)
     ap.add_argument("--lr", type=float, default=5e-4)

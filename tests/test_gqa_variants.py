@@ -94,6 +94,18 @@ def test_kdgqa_kernel_equals_reference_with_padding(per_sequence):
     torch.testing.assert_close(got.double() * rows, ref * rows, atol=1e-5, rtol=0)
 
 
+def test_kdgqa_decode_step_uses_the_norms_of_the_cached_keys():
+    """A decode step (one query over 13 cached keys) allocates by the norms of all 13 keys: the defined
+    behaviour. It is not the allocation a prefill of 13 tokens used for earlier queries, unless it agrees."""
+    q, k, v = tensors(seed=2)
+    q = q[:, :, -1:]
+    mask = AttentionMask.causal(1, 13, batch_size=2)
+    got = KeyDistributedGQA(backend="math").attend(q, k, v, mask, AttendCall(scale=0.3))
+    norms = [sum(frob(k[bi, h]) for bi in range(2)) for h in range(4)]
+    owner = heads_from_counts(ref_allocation(norms, 8, True))
+    torch.testing.assert_close(got.double(), ref_attention(q, k, v, mask.materialize(), owner, 0.3), atol=1e-5, rtol=0)
+
+
 def test_kdgqa_allocation_is_not_uniform_here():
     q, k, v = tensors()
     counts = KeyDistributedGQA().allocation(k, AttentionMask.causal(13, batch_size=2), 8)

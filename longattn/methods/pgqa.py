@@ -86,6 +86,8 @@ class PerturbedGQA(AttentionMethod):
         if not (training or self.at_inference):
             return dense_attention(query, key, value, mask, scale=call.scale, softcap=call.softcap,
                                    dropout=call.dropout)
+        if call.dropout:
+            raise ValueError(f"{self.name}: attention dropout is not supported while the maps are perturbed")
         gen = self.generator(call.layer_idx or 0)
         groups = query.shape[1] // key.shape[1]
         k, v = repeat_kv(key, groups), repeat_kv(value, groups)
