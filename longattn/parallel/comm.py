@@ -88,7 +88,7 @@ class Ring:
         """Begin sending `tensors` to the next rank and receiving same-shaped ones from the previous rank."""
         if self.size == 1:
             return tensors, []
-        recv = [torch.empty_like(t) for t in tensors]
+        recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self._next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self._prev, self.group) for r in recv]
         return recv, dist.batch_isend_irecv(ops)

@@ -36,7 +36,7 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring):
     """(out in q's dtype, lse float32) of this rank's queries over the whole sequence."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    kv, mine = [k, v], plan.runs[ring.rank]
+    kv, mine = [k.contiguous(), v.contiguous()], plan.runs[ring.rank]  # contiguous once, not once per send
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
         pending = ring.start(kv) if step < ring.size - 1 else None
@@ -49,7 +49,7 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring):
 def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, ring: Ring):
     """(dq, dk, dv) of this rank's q, k, v."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv, mine, dkv_pending = [k, v], plan.runs[ring.rank], None
+    kv, mine, dkv_pending = [k.contiguous(), v.contiguous()], plan.runs[ring.rank], None
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
         kv_pending = ring.start(kv) if step < ring.size - 1 else None

@@ -1,0 +1,200 @@
+"""Running a patched Hugging Face model on a sharded sequence, and the loss and gradients that go with it.
+
+Each rank of a sequence-parallel group passes its shard of input_ids and the matching global position_ids
+(`ShardLayout.shard` / `ShardLayout.positions`); every patched attention layer then runs ring (or Ulysses)
+attention with the method's pattern. Embeddings, norms and MLPs are per-token, so they need nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .blocks import check_backend
+from .comm import DEFAULT_TIMEOUT_S, check_group_size
+from .patterns import CAUSAL, BlockPattern
+from .ring import ring_attention
+from .sharding import IGNORE_INDEX, LAYOUTS, ShardLayout
+from .ulysses import ulysses_attention, usp_attention, usp_groups
+
+STRATEGIES = ("ring", "ulysses", "usp")
+SP_METHODS = ("dense", "sliding_window", "sink_window")
+
+
+@dataclass
+class SequenceParallel:
+    """How a patched model's attention runs over a sequence-parallel group.
+
+    Parameters
+    ----------
+    group : ProcessGroup or None
+        The ranks that share one sequence (None: the default, world, group).
+    size : int or None
+        The group size you expect; checked against the group (a mismatched launch fails at patch time).
+    strategy : str
+        "ring" (K/V travel around the ranks), "ulysses" (all-to-all over heads; heads and KV heads divisible
+        by the group size), or "usp" (Ulysses within sub-groups of `ulysses_size`, ring across them).
+    layout : str
+        "zigzag" (balanced causal work) or "contiguous": how the caller sharded the sequence.
+    backend : str
+        Block kernels: "auto", "sdpa", "flash" (CUDA + flash-attn), "math".
+    timeout_s : float
+        Longest wait for a peer before a SequenceParallelError.
+    """
+
+    group: object = None
+    size: int | None = None
+    strategy: str = "ring"
+    layout: str = "zigzag"
+    ulysses_size: int = 1
+    backend: str = "auto"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    pattern: BlockPattern = CAUSAL  # set by patch() from the method
+    _usp_groups: tuple | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"sequence_parallel strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"sequence_parallel layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        check_backend(self.backend)
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def shard_layout(self) -> ShardLayout:
+        return ShardLayout(self.layout, self.world)
+
+
+def as_sequence_parallel(value) -> SequenceParallel:
+    """A SequenceParallel from what `patch(..., sequence_parallel=...)` accepts: a SequenceParallel, a
+    ProcessGroup, or an int (the expected size of the default group)."""
+    if isinstance(value, SequenceParallel):
+        return value
+    if isinstance(value, bool):
+        raise TypeError("sequence_parallel: expected a SequenceParallel, a ProcessGroup or a group size, got a bool")
+    if isinstance(value, int):
+        return SequenceParallel(size=value)
+    if isinstance(value, dist.ProcessGroup):
+        return SequenceParallel(group=value)
+    raise TypeError(f"sequence_parallel: expected a SequenceParallel, a ProcessGroup or a group size, got "
+                    f"{type(value).__name__}")
+
+
+def sequence_parallel_for(value, method, all_layers: bool) -> SequenceParallel:
+    """The resolved, checked SequenceParallel for a method spec (duck-typed: its `name` and `params()`)."""
+    sp = as_sequence_parallel(value)
+    if not all_layers:
+        raise ValueError("sequence_parallel needs every attention layer patched (an unpatched layer would attend "
+                         "only within its own shard); drop `layers=`")
+    name, params = method.name, method.params()
+    if name == "dense":
+        pattern = CAUSAL
+    elif name == "sliding_window":
+        pattern = BlockPattern(window=params["window"])
+    elif name == "sink_window":
+        pattern = BlockPattern(window=params["window"], sink_tokens=params["sink_tokens"])
+    else:
+        raise NotImplementedError(f"sequence_parallel runs the methods {list(SP_METHODS)}; {name!r} has no "
+                                  f"distributed kernel")
+    check_group_size(sp.group, sp.size)
+    if sp.strategy == "usp" and sp._usp_groups is None:
+        world = dist.get_world_size(sp.group)
+        ranks = [dist.get_global_rank(sp.group, i) if sp.group is not None else i for i in range(world)]
+        sp = replace(sp, _usp_groups=usp_groups(ranks, sp.ulysses_size))
+    return replace(sp, pattern=pattern)
+
+
+def _check_positions(sp: SequenceParallel, position_ids, local_len: int) -> None:
+    if position_ids is None:
+        return
+    expected = sp.shard_layout().positions(sp.rank, local_len * sp.world, device=position_ids.device)
+    if position_ids.shape[-1] != local_len or not bool((position_ids == expected).all()):
+        raise ValueError(f"sequence_parallel: rank {sp.rank}'s position_ids are not its {sp.layout} shard of "
+                         f"positions 0..{local_len * sp.world - 1}; pass ShardLayout('{sp.layout}', {sp.world})"
+                         f".positions(rank, seq_len) with the input_ids shard")
+
+
+def sequence_parallel_attention(sp: SequenceParallel, query, key, value, attention_mask=None, *, scale: float,
+                                softcap=None, dropout: float = 0.0, sliding_window=None, position_ids=None):
+    """One patched layer's attention on this rank's shard: [B, Hq, S/P, D] -> [B, Hq, S/P, D]."""
+    if softcap is not None:
+        raise NotImplementedError("sequence_parallel: logit soft-capping (Gemma 2) is not supported by the ring "
+                                  "kernels")
+    if dropout:
+        raise NotImplementedError("sequence_parallel: attention dropout is not supported; set the model's "
+                                  "attention_dropout to 0")
+    if query.shape[2] != key.shape[2]:
+        raise NotImplementedError("sequence_parallel runs whole sequences (training / prefill) without a KV cache; "
+                                  "call the model with use_cache=False")
+    padding = getattr(attention_mask, "padding", None)
+    if padding is not None and not bool(padding.all()):
+        raise NotImplementedError("sequence_parallel does not support padding masks: pack sequences without "
+                                  "padding (or pad at the end with labels -100: longattn.parallel.pad_for_sharding)")
+    _check_positions(sp, position_ids, query.shape[2])
+    pattern = sp.pattern
+    if sliding_window:  # the model's own window (Mistral, Qwen2, ...) intersected with the method's
+        window = sliding_window if pattern.window is None else min(pattern.window, sliding_window)
+        pattern = BlockPattern(window=window, sink_tokens=pattern.sink_tokens)
+    kw = dict(layout=sp.shard_layout(), pattern=pattern, scale=scale, backend=sp.backend, timeout_s=sp.timeout_s)
+    if sp.strategy == "ring":
+        return ring_attention(query, key, value, sp.group, **kw)
+    if sp.strategy == "ulysses":
+        return ulysses_attention(query, key, value, sp.group, **kw)
+    u_group, r_group = sp._usp_groups
+    return usp_attention(query, key, value, u_group, r_group, **kw)
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """Forward: all-reduce sum (every rank sees the global value). Backward: identity, because each rank's
+    parameters get their share of the gradient from their own tokens (summed later by sync_gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sequence_parallel_loss(logits, labels, group=None, ignore_index: int = IGNORE_INDEX):
+    """Mean next-token cross-entropy over the FULL sequence from every rank's shard (labels shifted globally
+    before sharding, see `shift_labels`). The value is the same on every rank; backward gives each rank the
+    gradient of its own tokens' share, so after `sync_gradients` the parameters' gradients equal the
+    single-process ones."""
+    total = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                            reduction="sum")
+    count = (labels != ignore_index).sum().to(torch.float32)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        total = _SumAcrossRanks.apply(total, group)
+        dist.all_reduce(count, group=group)
+    return total / count.clamp_min(1.0)
+
+
+def sync_gradients(parameters, sp_group=None, dp_group=None) -> None:
+    """Sum gradients over the sequence-parallel group (each rank holds a share of one sequence's gradient),
+    then average over data-parallel replicas (each holds the gradient of its own batch). One flat buffer
+    per collective."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if sp_group is not False and dist.get_world_size(sp_group) > 1:
+        dist.all_reduce(flat, group=sp_group)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(flat, group=dp_group)
+        flat /= dist.get_world_size(dp_group)
+    at = 0
+    for g in grads:
+        g.copy_(flat[at:at + g.numel()].view_as(g))
+        at += g.numel()
