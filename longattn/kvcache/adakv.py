@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..methods.base import check
+from .base import best
 from .snapkv import SnapKV
 
 
@@ -41,10 +42,10 @@ class AdaKV(SnapKV):
         chosen = torch.zeros_like(scores, dtype=torch.bool)
         floor = int(self.alpha_safeguard * keep)
         if floor:
-            chosen.scatter_(2, scores.topk(floor, dim=-1).indices, True)
+            chosen.scatter_(2, best(scores, floor), True)
         # The rest of the layer's budget goes to the best remaining votes of any head.
         rest = scores.masked_fill(chosen, float("-inf")).reshape(b, h * n)
-        extra = rest.topk(keep * h - floor * h, dim=-1).indices
+        extra = best(rest, keep * h - floor * h)
         chosen.view(b, h * n).scatter_(1, extra, True)
         counts = chosen.sum(-1)  # [B, H]
         width = int(counts.max())

@@ -143,12 +143,19 @@ class KVPolicy:
 
     def select(self, scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices [B, Hkv, M] into the entries, slot_valid [B, Hkv, M]): the `keep` best per head, in
-        stream order. Head-adaptive policies override (M may then exceed `keep` for some heads)."""
-        idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+        stream order; ties go to the older entry. Head-adaptive policies override (M may then exceed `keep` for
+        some heads)."""
+        idx = best(scores, keep).sort(dim=-1).values
         return idx, torch.ones_like(idx, dtype=torch.bool)
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def best(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores along the last dim; equal scores keep their order (pooled votes tie
+    often, and topk's order among ties is unspecified)."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def protect_recent(scores: torch.Tensor, inp: ScoreInput, window: int) -> torch.Tensor:
