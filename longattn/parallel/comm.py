@@ -84,11 +84,12 @@ class Ring:
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
-    def start(self, tensors: list[torch.Tensor]):
-        """Begin sending `tensors` to the next rank and receiving same-shaped ones from the previous rank."""
+    def start(self, tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None):
+        """Begin sending `tensors` to the next rank and receiving same-shaped ones from the previous rank
+        (into the given buffers, so that a loop can alternate between two instead of allocating each step)."""
         if self.size == 1:
             return tensors, []
-        recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        recv = into if into is not None else [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self._next, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, r, self._prev, self.group) for r in recv]
         return recv, dist.batch_isend_irecv(ops)

@@ -32,14 +32,22 @@ class RingPlan:
     backend: str = "auto"
 
 
+def _buffers(tensors, n: int, dtype=None):
+    """`n` sets of empty buffers shaped like `tensors`: the ring alternates between them (memory stays flat
+    in the number of steps instead of growing with every received block)."""
+    return [[torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device) for t in tensors] for _ in range(n)]
+
+
 def ring_forward(q, k, v, plan: RingPlan, ring: Ring):
     """(out in q's dtype, lse float32) of this rank's queries over the whole sequence."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     kv, mine = [k.contiguous(), v.contiguous()], plan.runs[ring.rank]  # contiguous once, not once per send
+    bufs = _buffers(kv, 2) if ring.size > 1 else None
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
-        pending = ring.start(kv) if step < ring.size - 1 else None
+        # Receive the next block while attending to this one; bufs[step % 2] is never the block in use.
+        pending = ring.start(kv, into=bufs[step % 2]) if step < ring.size - 1 else None
         attend_runs(q, kv[0], kv[1], mine, plan.runs[src], plan.pattern, plan.scale, plan.backend, out, lse)
         if pending is not None:
             kv = ring.finish(pending, f"ring attention forward (step {step}, K/V)")
@@ -50,17 +58,22 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, ring: Ring):
     """(dq, dk, dv) of this rank's q, k, v."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv, mine, dkv_pending = [k.contiguous(), v.contiguous()], plan.runs[ring.rank], None
+    kv_bufs = _buffers(kv, 2) if ring.size > 1 else None
+    local = _buffers(kv, 1, torch.float32)[0]  # this step's dK/dV for the block in hand
+    acc = _buffers(kv, 2, torch.float32)  # travelling accumulators: one being sent, one being received
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
-        kv_pending = ring.start(kv) if step < ring.size - 1 else None
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros_like(dk)
+        kv_pending = ring.start(kv, into=kv_bufs[step % 2]) if step < ring.size - 1 else None
+        for t in local:
+            t.zero_()
         attend_runs_backward(dout, q, kv[0], kv[1], out, lse, mine, plan.runs[src], plan.pattern, plan.scale,
-                             plan.backend, dq, dk, dv)
-        if dkv_pending is not None:  # the accumulator for K/V of rank `src`, from the previous rank
-            acc = ring.finish(dkv_pending, f"ring attention backward (step {step}, dK/dV)")
-            dk, dv = acc[0].add_(dk), acc[1].add_(dv)
-        dkv_pending = ring.start([dk, dv])
+                             plan.backend, dq, local[0], local[1])
+        if dkv_pending is None:
+            dkv = [a.copy_(g) for a, g in zip(acc[0], local)]
+        else:  # the accumulator for K/V of rank `src`, from the previous rank (its send buffer is free again)
+            dkv = [a.add_(g) for a, g in zip(ring.finish(dkv_pending, f"ring attention backward (step {step}, dK/dV)"),
+                                               local)]
+        dkv_pending = ring.start(dkv, into=acc[(step + 1) % 2])
         if kv_pending is not None:
             kv = ring.finish(kv_pending, f"ring attention backward (step {step}, K/V)")
     dk, dv = ring.finish(dkv_pending, "ring attention backward (dK/dV back to their owner)")
