@@ -24,6 +24,7 @@ the scheduler: a resumed run continues exactly where the interrupted one stopped
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -195,10 +196,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
 
 def main(argv=None):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # A finite process-group timeout: a rank that dies ends the others with an error, not a hang.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
+        InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.timeout))])
     world, rank = accelerator.num_processes, accelerator.process_index
     sp = args.sequence_parallel
     if world % sp:

@@ -23,6 +23,8 @@ CASES = [  # (name, arch, config overrides, method, method params, strategy, lay
     ("llama-sinks-ring", "llama", {}, "sink_window", {"sink_tokens": 2, "window": 6}, "ring", "zigzag"),
     ("mistral-own-window-ring", "mistral", {}, "dense", {}, "ring", "zigzag"),
 ]
+# 4 ranks only: Ulysses over pairs of ranks (2 KV heads each), ring across the pairs
+USP_CASE = ("llama-gqa-sinks-usp", "llama", {}, "sink_window", {"sink_tokens": 2, "window": 20}, "usp", "zigzag")
 
 
 def full_loss(model, ids, labels):
@@ -44,8 +46,8 @@ def hf_worker(rank, world, cases):
         ref_logits, ref_loss = full_loss(ref_model, ids, labels)
         ref_loss.backward()
         model = make_model(arch, **overrides)
-        longattn.patch(model, method, sequence_parallel=SequenceParallel(size=world, strategy=strategy, layout=kind),
-                       **params)
+        sp = SequenceParallel(size=world, strategy=strategy, layout=kind, ulysses_size=2 if strategy == "usp" else 1)
+        longattn.patch(model, method, sequence_parallel=sp, **params)
         pos = layout.positions(rank, seq).expand(2, -1)
         logits = model(input_ids=layout.shard(ids, rank), position_ids=pos, use_cache=False).logits
         loss = sequence_parallel_loss(logits, layout.shard(labels, rank))
@@ -88,8 +90,8 @@ def errors_worker(rank, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_hf_model_under_sequence_parallel_matches_single_process(world):
-    """Six set-ups on 2 ranks (plus the error checks, sharing the process group), one on 4."""
-    cases = CASES if world == 2 else CASES[:1]
+    """Six set-ups on 2 ranks (plus the error checks, sharing the process group), two on 4."""
+    cases = CASES if world == 2 else CASES[:1] + [USP_CASE]
     per_rank = run_distributed(hf_worker, world, cases, timeout_s=170)
     for rank, (results, _) in enumerate(per_rank):
         assert len(results) == len(cases)

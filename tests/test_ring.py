@@ -195,3 +195,19 @@ def test_hung_or_dead_peer_gives_clear_error_within_timeout(tmp_path):
     assert res is not None, "rank 0 finished the ring although its peer had died"
     elapsed, msg = res
     assert elapsed < 20 and "ring attention forward" in msg, (elapsed, msg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn block kernels need CUDA (none on this machine)")
+def test_flash_block_kernel_matches_math_on_cuda():
+    """On CUDA with flash-attn: the flash forward (unmasked and diagonal-causal blocks) against the plain-torch
+    math kernel, bf16 inputs, tolerance of bf16 (2e-2); the backward path there is the math kernel."""
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    from longattn.parallel.blocks import block_forward, flash_attn_usable
+
+    q, k, v, _ = (t.cuda().bfloat16() for t in full_inputs(0, 256, 8, 2, 64))
+    assert flash_attn_usable(q)
+    for causal in (False, True):
+        out, lse = block_forward(q, k, v, None, causal, 0.125, "flash")
+        ref_out, ref_lse = block_forward(q, k, v, None, causal, 0.125, "math")
+        assert (out.float() - ref_out.float()).abs().max() < 2e-2
+        assert (lse - ref_lse).abs().max() < 2e-2

@@ -49,5 +49,20 @@ def test_two_process_sequence_parallel_matches_one_process_and_resumes(tmp_path)
     assert max(diffs) <= 1e-4, diffs
     assert single[0]["loss"] != single[-1]["loss"]  # it trains: the curve is not flat
 
+
+
+def test_sequence_parallel_times_data_parallel_matches_one_process(tmp_path):
+    """4 ranks = SP 2 x DP 2, one sequence per replica, equals one process with both sequences in its batch:
+    gradients summed over each SP pair and averaged over the two replicas."""
+    text = "\n\n".join(p.read_text() for p in sorted((ROOT / "longattn" / "evals").glob("*.py")))
+    (tmp_path / "data.txt").write_text(text)
+    common = ["--dataset", str(tmp_path / "data.txt"), "--seq-len", "64", "--steps", "3", "--lr", "1e-3",
+              "--warmup-steps", "1"]
+    run([sys.executable, str(SCRIPT), *common, "--batch-size", "2", "--output-dir", str(tmp_path / "single")])
+    run(launch(4, "--sequence-parallel", "2", *common, "--batch-size", "1", "--output-dir", str(tmp_path / "sp_dp")))
+    single, parallel = losses(tmp_path / "single"), losses(tmp_path / "sp_dp")
+    assert len(single) == len(parallel) == 3
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(single, parallel)]
+    assert max(diffs) <= 1e-4, diffs
     bad = run(launch(2, "--sequence-parallel", "3", *common, "--output-dir", str(tmp_path / "bad")), expect_ok=False)
     assert bad.returncode != 0 and "world size 2 is not divisible by --sequence-parallel 3" in bad.stdout + bad.stderr

@@ -35,7 +35,10 @@ class SequenceParallel:
         The group size you expect; checked against the group (a mismatched launch fails at patch time).
     strategy : str
         "ring" (K/V travel around the ranks), "ulysses" (all-to-all over heads; heads and KV heads divisible
-        by the group size), or "usp" (Ulysses within sub-groups of `ulysses_size`, ring across them).
+        by the group size), or "usp" (Ulysses within sub-groups of `ulysses_size` consecutive ranks, ring
+        across them).
+    ulysses_size : int
+        Ranks per Ulysses sub-group with strategy "usp" (heads and KV heads divisible by it).
     layout : str
         "zigzag" (balanced causal work) or "contiguous": how the caller sharded the sequence.
     backend : str
