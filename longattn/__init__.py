@@ -5,9 +5,11 @@
     longattn.unpatch(model)                            # exactly the original attention again
     with longattn.patched(model, "dense"): ...
     longattn.methods()                                 # every method, its parameters and paper
+    longattn.patch(model, "snapkv", kv_budget=512)     # a KV-cache policy: generate() keeps <= 512 per head
 """
 from .gqa import convert_to_gqa, kv_cache_bytes_per_token
 from .kernels import AttentionMask, dense_attention
+from .kvcache import POLICIES, CompressedCache, KVPolicy, make_policy
 from .methods import METHODS, AttentionMethod, Dense, MethodInfo, method_infos
 from .methods.act import act_select_heads
 from .patching import UnsupportedModelError, patch, patch_state, patched, unpatch
@@ -25,7 +27,7 @@ def methods() -> list[MethodInfo]:
 
 
 __all__ = [
-    "AttentionMask", "AttentionMethod", "Dense", "METHODS", "MethodInfo", "UnsupportedModelError", "act_select_heads",
+    "AttentionMask", "AttentionMethod", "CompressedCache", "Dense", "KVPolicy", "POLICIES", "make_policy", "METHODS", "MethodInfo", "UnsupportedModelError", "act_select_heads",
     "add_selective_attention", "load_selective", "remove_selective_attention", "save_selective",
     "selective_parameter_count",
     "convert_to_gqa", "dense_attention", "kv_cache_bytes_per_token", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",

@@ -76,7 +76,7 @@ def load_sweep(path) -> Sweep:
 
 def sweep_from_config(cfg: dict, path) -> Sweep:
     """Validate a sweep configuration (as parsed from TOML) into its cells; `path` names it in errors."""
-    from ..methods import make_method
+    from ..patching import resolve_kv_cache
     from .tasks import make_task
 
     path = Path(path)
@@ -116,14 +116,15 @@ def sweep_from_config(cfg: dict, path) -> Sweep:
         names = sorted(grid)
         for combo in itertools.product(*(grid[n] if isinstance(grid[n], list) else [grid[n]] for n in names)):
             params = {**entry.get("params", {}), **dict(zip(names, combo))}
-            try:
-                make_method(entry["method"], **params)
+            try:  # validated exactly as patch() will take it (attention method and/or KV-cache policy)
+                policy = resolve_kv_cache(entry["method"], params.get("kv_cache"),
+                                          {k: v for k, v in params.items() if k != "kv_cache"})[2]
             except ValueError as e:
                 raise _err(path, f"methods[{i}]: {e}") from None
             for (task, task_params), length in itertools.product(tasks, lengths):
                 cells.append(Cell("task", entry["method"], length, params, entry.get("layers"), task, task_params,
                                   samples, seed, filler))
-            if ppl:
+            if ppl and policy is None:  # a KV policy only acts while generating: no perplexity cells
                 for length in ppl.get("lengths", []):
                     cells.append(Cell("perplexity", entry["method"], length, params, entry.get("layers"),
                                       seed=seed, text=ppl.get("text", "python-doc"),
