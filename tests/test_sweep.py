@@ -140,3 +140,27 @@ def test_text_loading_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "t.csv").write_text("a")
         load_text(str(tmp_path / "t.csv"))
+
+
+def test_kv_policies_in_a_sweep(sweep_setup, tmp_path):
+    """A sweep over KV budgets: cells run generate() with the compressed cache (bytes kept <= budget), no
+    perplexity cells for policies, and the report plots score vs KV budget."""
+    _, model, tok = sweep_setup
+    path = tmp_path / "kv.toml"
+    path.write_text('name = "kv"\nsamples = 2\nbatch_size = 2\nlengths = [256]\ntasks = ["passkey"]\n'
+                    '[[methods]]\nmethod = "dense"\n'
+                    '[[methods]]\nmethod = "snapkv"\ngrid = { kv_budget = [32, 64] }\n'
+                    '[[methods]]\nmethod = "sliding_window"\nparams = { window = 64, kv_cache = { policy = "h2o", '
+                    'kv_budget = 48 } }\n'
+                    '[perplexity]\ntext = "python-doc"\nlengths = [64]\ntokens = 256\n')
+    sweep = load_sweep(path)
+    assert [c.kind for c in sweep.cells].count("perplexity") == 1  # dense only
+    sweep.cells = [c for c in sweep.cells if c.kind == "task"]
+    records = run_sweep(sweep, tmp_path / "kv.jsonl", model_and_tokenizer=(model, tok, "tiny"), progress=False)
+    per_token = 2 * 3 * 2 * 16 * 4  # keys + values, layers, KV heads, head dim, fp32 (per sample)
+    by = {(r["method"], r["params"].get("kv_budget")): r["kv_cache_bytes"] for r in records}
+    assert by["snapkv", 32] == 32 * per_token and by["snapkv", 64] == 64 * per_token
+    assert by["sliding_window", None] == 48 * per_token
+    assert by["dense", None] > 256 * per_token
+    written = write_report(records, tmp_path / "kvreport", title="kv")
+    assert "score_vs_kv_budget.png" in {p.name for p in written}

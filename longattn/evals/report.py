@@ -125,6 +125,10 @@ def write_report(records: list[dict], out_dir, title: str = "longattn sweep") ->
         fig.tight_layout()
         written.append(_save(fig, out_dir / "score_vs_length.png", plt))
 
+    compressed = [r for r in tasks if _kv_policy(r)]
+    if compressed:
+        written.append(_score_vs_kv(tasks, out_dir, title, task_names, plt))
+
     if ppl:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         cells = defaultdict(dict)
@@ -148,6 +152,43 @@ def write_report(records: list[dict], out_dir, title: str = "longattn sweep") ->
     md.write_text(f"# {title}\n\n## Summary\n\n{summary_table(records)}{images}\n## All cells\n\n"
                   f"{markdown_table(records)}")
     return [md] + written
+
+
+def _kv_policy(r: dict) -> str | None:
+    """The KV-cache policy of a record: its method when that is a policy, or its kv_cache parameter."""
+    from ..kvcache import POLICIES
+
+    if r["method"] in POLICIES:
+        return r["method"]
+    kv = (r.get("params") or {}).get("kv_cache")
+    return None if kv is None else (kv if isinstance(kv, str) else kv.get("policy"))
+
+
+def _score_vs_kv(tasks, out_dir: Path, title: str, task_names, plt) -> Path:
+    """Score vs KV-cache bytes kept (as a fraction of the full cache at that length), one line per policy."""
+    lengths = sorted({r["length"] for r in tasks})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
+    for ax, length in zip(axes[0], lengths):
+        at = [r for r in tasks if r["length"] == length]
+        full = [r["kv_cache_bytes"] for r in at if not _kv_policy(r)]
+        full_bytes = max(full) if full else max(r["kv_cache_bytes"] for r in at)
+        lines = defaultdict(lambda: defaultdict(list))
+        for r in at:
+            name = _kv_policy(r) or config_label(r)
+            lines[name][r["kv_cache_bytes"] / full_bytes].append(r["score"])
+        for name, pts in sorted(lines.items()):
+            xs = sorted(pts)
+            ax.plot(xs, [mean(pts[x]) for x in xs], "o-" if len(xs) > 1 else "*", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{length} tokens")
+        ax.set_xlabel("KV cache kept (fraction of the full cache)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"mean score ({', '.join(task_names)})")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{title}: score vs KV-cache budget")
+    fig.tight_layout()
+    return _save(fig, out_dir / "score_vs_kv_budget.png", plt)
 
 
 def _save(fig, path: Path, plt) -> Path:
