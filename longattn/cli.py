@@ -36,11 +36,17 @@ def _ints(text: str) -> list[int]:
 
 
 def _cmd_methods(args) -> int:
-    from . import methods, recipe_names
+    import dataclasses
+
+    from . import POLICIES, methods, recipe_names
 
     for info in methods():
         params = ", ".join(f"{k}={v!r}" for k, v in info.params.items()) or "-"
         print(f"{info.name:16s} {info.summary}\n{'':16s} params: {params}\n{'':16s} paper: {info.paper}")
+    print("\nKV-cache policies (longattn.patch(model, policy, kv_budget=...) or kv_cache={'policy': ...}):")
+    for name, cls in sorted(POLICIES.items()):
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        print(f"{name:16s} {cls.summary}\n{'':16s} params: {params}\n{'':16s} paper: {cls.paper}")
     print(f"\nrecipes (patches/): {', '.join(recipe_names())}")
     return 0
 
