@@ -60,7 +60,8 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, ring: Ring):
     kv, mine, dkv_pending = [k.contiguous(), v.contiguous()], plan.runs[ring.rank], None
     kv_bufs = _buffers(kv, 2) if ring.size > 1 else None
     local = _buffers(kv, 1, torch.float32)[0]  # this step's dK/dV for the block in hand
-    acc = _buffers(kv, 2, torch.float32)  # travelling accumulators: one being sent, one being received
+    # Travelling accumulators: one being sent, one being received (none on a single rank).
+    acc = _buffers(kv, 2, torch.float32) if ring.size > 1 else None
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
         kv_pending = ring.start(kv, into=kv_bufs[step % 2]) if step < ring.size - 1 else None
@@ -68,12 +69,14 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, ring: Ring):
             t.zero_()
         attend_runs_backward(dout, q, kv[0], kv[1], out, lse, mine, plan.runs[src], plan.pattern, plan.scale,
                              plan.backend, dq, local[0], local[1])
-        if dkv_pending is None:
+        if ring.size == 1:
+            dkv = local
+        elif dkv_pending is None:
             dkv = [a.copy_(g) for a, g in zip(acc[0], local)]
         else:  # the accumulator for K/V of rank `src`, from the previous rank (its send buffer is free again)
             dkv = [a.add_(g) for a, g in zip(ring.finish(dkv_pending, f"ring attention backward (step {step}, dK/dV)"),
                                                local)]
-        dkv_pending = ring.start(dkv, into=acc[(step + 1) % 2])
+        dkv_pending = ring.start(dkv, into=acc[(step + 1) % 2] if acc else None)
         if kv_pending is not None:
             kv = ring.finish(kv_pending, f"ring attention backward (step {step}, K/V)")
     dk, dv = ring.finish(dkv_pending, "ring attention backward (dK/dV back to their owner)")
