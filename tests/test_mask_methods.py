@@ -237,3 +237,29 @@ def test_restricted_mask_is_built_once_per_forward_not_per_layer(method, monkeyp
     with torch.no_grad(), longattn.patched(model, method):
         model(input_ids=ids, attention_mask=mask)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name,params", [("sliding_window", {}), ("sink_window", {"sink_tokens": 4}),
+                                         ("dilated", {"dilation": 3})])
+def test_target_density_sets_the_smallest_window_that_reaches_it(name, params):
+    from longattn.kernels.masks import AttentionMask
+    from longattn.methods import make_method
+
+    length = 777
+    mask = AttentionMask.causal(length)
+    top = 1 / params.get("dilation", 1)  # a dilated window reaches at most 1 / dilation of the pairs
+    for density in [d for d in (0.05, 0.3, 0.9, 1.0) if d <= top]:
+        method = make_method(name, density=density, density_length=length, **params)
+        reached = method.computed_pairs(mask) / mask.causal_pair_count()
+        smaller = make_method(name, window=method.window - 1, **params) if method.window > 1 else None
+        assert reached >= density
+        assert smaller is None or smaller.computed_pairs(mask) / mask.causal_pair_count() < density
+    if top < 1:
+        with pytest.raises(ValueError, match="cannot be reached"):
+            make_method(name, density=0.9, density_length=length, **params)
+    with pytest.raises(ValueError, match="not both"):
+        make_method(name, window=7, density=0.5, density_length=100, **params)
+    with pytest.raises(ValueError, match=r"'density' must be a number in \(0, 1\]"):
+        make_method(name, density=0.0, density_length=100, **params)
+    with pytest.raises(ValueError, match="'density_length' must be an integer >= 1"):
+        make_method(name, density=0.5, **params)

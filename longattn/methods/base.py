@@ -61,6 +61,36 @@ class AttentionMethod:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def window_for_density(method: AttentionMethod, default_window: int, sink_tokens: int = 0, dilation: int = 1) -> None:
+    """Window family: when `density` is given, set `window` to the smallest window whose attention density
+    (attended / causal pairs) over a causal sequence of `density_length` tokens reaches it."""
+    density, length = method.density, method.density_length
+    if density is None and length is None:
+        return
+    check(method.name, "density", isinstance(density, (int, float)) and 0 < density <= 1, "a number in (0, 1]",
+          density)
+    check(method.name, "density_length", isinstance(length, int) and length >= 1,
+          "an integer >= 1 (the sequence length at which the density is met)", length)
+    if method.window != default_window:
+        raise ValueError(f"{method.name}: give either window or density (which sets the window), not both")
+    from ..kernels.masks import AttentionMask
+
+    mask = AttentionMask.causal(length)
+    target = density * mask.causal_pair_count()
+    lo, hi = 1, length
+    while lo < hi:  # pair counts grow with the window: bisect
+        mid = (lo + hi) // 2
+        if mask.pair_count(mid, sink_tokens=sink_tokens, dilation=dilation) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    reached = mask.pair_count(lo, sink_tokens=sink_tokens, dilation=dilation) / mask.causal_pair_count()
+    if reached < density:
+        raise ValueError(f"{method.name}: density {density} cannot be reached over {length} tokens with these "
+                         f"parameters (at most {reached:.3f}, e.g. with dilation {dilation})")
+    method.window = lo
+
+
 def check(method: str, param: str, ok: bool, allowed: str, value: Any) -> None:
     """One-line parameter validation with an error that says what is allowed."""
     if not ok:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import dilated_window
-from .base import AttendCall, AttentionMethod, check
+from .base import AttendCall, AttentionMethod, check, window_for_density
 
 
 @dataclass
@@ -19,6 +19,11 @@ class Dilated(AttentionMethod):
         Number of keys each query attends to (>= 1), the query itself first.
     dilation : int
         Gap between attended keys (>= 1; 1 is a plain sliding window).
+    density : float or None
+        Target attention density (attended / causal pairs) in (0, 1]; sets `window` to the smallest window that
+        reaches it over `density_length` tokens (give window or density, not both).
+    density_length : int or None
+        Sequence length at which `density` is met (the window is fixed from then on: prefill = decode).
     backend : str
         "gathered" (gathers only the keys in reach: work ~ S x window), a dense kernel with the pattern as a
         mask ("sdpa", "flex", "math"), or "auto" (gathered when that skips at least half of the keys).
@@ -29,10 +34,13 @@ class Dilated(AttentionMethod):
     summary = "`window` keys spaced `dilation` apart, causal"
 
     window: int = 512
+    density: float | None = None
+    density_length: int | None = None
     dilation: int = 2
     backend: str = "auto"
 
     def validate(self):
+        window_for_density(self, 512, dilation=self.dilation)
         for name in ("window", "dilation"):
             value = getattr(self, name)
             check(self.name, name, isinstance(value, int) and value >= 1, "an integer >= 1", value)

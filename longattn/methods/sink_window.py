@@ -7,7 +7,7 @@ import torch
 
 from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import sinks_and_window
-from .base import AttendCall, AttentionMethod, check
+from .base import AttendCall, AttentionMethod, check, window_for_density
 
 
 @dataclass
@@ -24,6 +24,11 @@ class SinkWindow(AttentionMethod):
         Initial tokens every query keeps attending to (>= 0; 4 in the paper).
     window : int
         Most recent positions each query attends to, its own included (>= 1).
+    density : float or None
+        Target attention density (attended / causal pairs) in (0, 1]; sets `window` to the smallest window that
+        reaches it over `density_length` tokens (give window or density, not both).
+    density_length : int or None
+        Sequence length at which `density` is met (the window is fixed from then on: prefill = decode).
     backend : str
         "gathered" (gathers only the keys in reach: work ~ S x window), a dense kernel with the pattern as a
         mask ("sdpa", "flex", "math"), or "auto" (gathered when that skips at least half of the keys).
@@ -35,9 +40,12 @@ class SinkWindow(AttentionMethod):
 
     sink_tokens: int = 4
     window: int = 1024
+    density: float | None = None
+    density_length: int | None = None
     backend: str = "auto"
 
     def validate(self):
+        window_for_density(self, 1024, sink_tokens=self.sink_tokens)
         check(self.name, "sink_tokens", isinstance(self.sink_tokens, int) and self.sink_tokens >= 0,
               "an integer >= 0", self.sink_tokens)
         check(self.name, "window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1",

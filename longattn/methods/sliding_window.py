@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import sliding_window
-from .base import AttendCall, AttentionMethod, check
+from .base import AttendCall, AttentionMethod, check, window_for_density
 
 
 @dataclass
@@ -19,6 +19,11 @@ class SlidingWindow(AttentionMethod):
     ----------
     window : int
         Number of most recent positions each query attends to, its own included (>= 1).
+    density : float or None
+        Target attention density (attended / causal pairs) in (0, 1]; sets `window` to the smallest window that
+        reaches it over `density_length` tokens (give window or density, not both).
+    density_length : int or None
+        Sequence length at which `density` is met (the window is fixed from then on: prefill = decode).
     backend : str
         "gathered" (gathers only the keys in reach: work ~ S x window), a dense kernel with the pattern as a
         mask ("sdpa", "flex", "flash", "math"), or "auto" (gathered when that skips at least half the keys).
@@ -29,9 +34,12 @@ class SlidingWindow(AttentionMethod):
     summary = "causal attention to the `window` most recent tokens"
 
     window: int = 1024
+    density: float | None = None
+    density_length: int | None = None
     backend: str = "auto"
 
     def validate(self):
+        window_for_density(self, 1024)
         check(self.name, "window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1",
               self.window)
         check(self.name, "backend", self.backend in LOCAL_BACKENDS, f"one of {list(LOCAL_BACKENDS)}",
