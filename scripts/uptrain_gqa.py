@@ -100,7 +100,8 @@ def write_report(rows: list[dict], out: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['row']} | {r['query_heads']} | {r['kv_heads']} | {r['method'] or 'gqa'} | "
+        kind = "mha" if r["kv_heads"] == r["query_heads"] else "mqa" if r["kv_heads"] == 1 else "gqa"
+        lines.append(f"| {r['row']} | {r['query_heads']} | {r['kv_heads']} | {r['method'] or kind} | "
                      f"{r['kv_bytes_per_token']} | {r['ppl_before']} | {r['ppl_after_conversion']} | "
                      f"{r['ppl_uptrained']} | {r['train_seconds']} |")
     dg = [r for r in rows if r.get("dgqa_allocation")]
