@@ -19,7 +19,8 @@ replicas (sync_gradients). accelerate launches the processes and sets up the pro
 wrapped in DDP, whose average over all ranks would be wrong for sequence-parallel shards.
 
 The data of step N depends only on (seed, N), and checkpoints hold the trainable weights, the optimizer and
-the scheduler: a resumed run continues exactly where the interrupted one stopped (loss log included).
+the scheduler: a resumed run continues exactly where the interrupted one stopped (loss log included). The
+finished model (LoRA merged) is saved with save_pretrained to OUTPUT_DIR/final.
 """
 from __future__ import annotations
 
@@ -246,6 +247,7 @@ def main(argv=None):
                           f"{'resuming after step ' + str(start) if start else 'starting'}; log {log_path}")
     stop = min(args.steps, args.stop_at or args.steps)
     pos = layout.positions(sp_rank, args.seq_len, device=accelerator.device).expand(args.batch_size, -1)
+    done = start
     bar = tqdm(range(start, stop), initial=start, total=stop, disable=not accelerator.is_main_process,
                desc="train_long")
     for step in bar:
@@ -281,7 +283,20 @@ def main(argv=None):
                 save_checkpoint(out_dir, done, model, optimizer, scheduler)
             accelerator.wait_for_everyone()
     bar.close()
+    if done == args.steps and accelerator.is_main_process and start < args.steps:
+        save_final(model, tokenizer, out_dir / "final", args)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def save_final(model, tokenizer, path: Path, args) -> None:
+    """The fine-tuned model as a plain HF checkpoint: LoRA merged, longattn's patch removed (load it with
+    from_pretrained and patch it again as you like)."""
+    if args.lora_rank:
+        model = model.merge_and_unload()  # the embeddings and norms were trained in place on the base model
+    longattn.unpatch(model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 if __name__ == "__main__":

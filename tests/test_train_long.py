@@ -48,6 +48,10 @@ def test_two_process_sequence_parallel_matches_one_process_and_resumes(tmp_path)
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(single, parallel)]
     assert max(diffs) <= 1e-4, diffs
     assert single[0]["loss"] != single[-1]["loss"]  # it trains: the curve is not flat
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(sp / "final")  # LoRA merged into a plain HF model
+    assert final.config._attn_implementation != "longattn" and not hasattr(final, "peft_config")
 
 
 
