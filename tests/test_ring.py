@@ -151,6 +151,9 @@ def test_sharding_roundtrip_and_padding_errors():
 
 
 def test_bad_inputs_raise():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="needs torch.distributed"):
+        ring_attention(q, q, q)
     with pytest.raises(ValueError, match="layout must be one of"):
         ShardLayout("striped", 2)
     with pytest.raises(ValueError, match="need causal=True"):

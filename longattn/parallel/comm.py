@@ -76,7 +76,12 @@ class Ring:
     size: int = field(init=False)
 
     def __post_init__(self):
+        if not dist.is_initialized():
+            raise RuntimeError("ring attention needs torch.distributed: launch with torchrun / accelerate launch "
+                               "(or call init_process_group) first")
         self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        if self.rank < 0:
+            raise ValueError(f"rank {dist.get_rank()} is not a member of the sequence-parallel group it was given")
         # P2POp takes global ranks; the ring is ordered by rank within the group.
         self._next = self._global((self.rank + 1) % self.size)
         self._prev = self._global((self.rank - 1) % self.size)
