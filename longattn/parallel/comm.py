@@ -31,6 +31,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def require_distributed(what: str) -> None:
+    if not dist.is_initialized():
+        raise RuntimeError(f"{what} needs torch.distributed: launch with torchrun / accelerate launch (or call "
+                           f"init_process_group) first")
+
+
 def group_size(group=None) -> int:
     return dist.get_world_size(group)
 
@@ -76,9 +82,7 @@ class Ring:
     size: int = field(init=False)
 
     def __post_init__(self):
-        if not dist.is_initialized():
-            raise RuntimeError("ring attention needs torch.distributed: launch with torchrun / accelerate launch "
-                               "(or call init_process_group) first")
+        require_distributed("ring attention")
         self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
         if self.rank < 0:
             raise ValueError(f"rank {dist.get_rank()} is not a member of the sequence-parallel group it was given")

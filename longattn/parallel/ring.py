@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .blocks import check_backend
-from .comm import DEFAULT_TIMEOUT_S, Ring
+from .comm import DEFAULT_TIMEOUT_S, Ring, require_distributed
 from .local import attend_runs, attend_runs_backward
 from .patterns import CAUSAL, BlockPattern, Run
 from .sharding import ShardLayout
@@ -128,6 +128,7 @@ def ring_attention(q, k, v, group=None, *, layout: str | ShardLayout = "zigzag",
                    scale: float | None = None, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
     """Exact attention of this rank's shard (q, k, v: [B, H, S/P, D], sharded with `layout`) over the full
     sequence; returns this rank's output shard. Differentiable."""
+    require_distributed("ring_attention")
     import torch.distributed as dist
 
     world = dist.get_world_size(group)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .blocks import check_backend
-from .comm import DEFAULT_TIMEOUT_S, wait_all
+from .comm import DEFAULT_TIMEOUT_S, require_distributed, wait_all
 from .local import LocalRunsAttention
 from .patterns import CAUSAL, BlockPattern, Run
 from .ring import check_qkv, ring_attention_runs
@@ -80,6 +80,7 @@ def ulysses_attention_runs(q, k, v, runs: list[list[Run]], group=None, *, patter
 def ulysses_attention(q, k, v, group=None, *, layout: str | ShardLayout = "zigzag", pattern: BlockPattern = CAUSAL,
                       scale: float | None = None, backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S):
     """Exact attention of this rank's shard over the full sequence via all-to-all over heads. Differentiable."""
+    require_distributed("ulysses_attention")
     world = dist.get_world_size(group)
     layout = ShardLayout(layout, world) if isinstance(layout, str) else layout
     if layout.world != world:
