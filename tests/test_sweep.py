@@ -106,7 +106,7 @@ def test_records_and_report(sweep_setup, tmp_path):
     ("name = 'x'\nlengths = [64]\ntasks = ['passkey']\n", r"needs at least one \[\[methods\]\]"),
     ("lengths = [64]\ntasks = ['passkey']\n[[methods]]\nmethod = 'sliding_window'\ngrid = { window = [0] }\n",
      r"methods\[0\]: sliding_window: parameter 'window' must be an integer >= 1"),
-    ("lengths = [64]\ntasks = ['passkey']\n[[methods]]\nmethod = 'magic'\n", r"unknown attention method 'magic'"),
+    ("lengths = [64]\ntasks = ['passkey']\n[[methods]]\nmethod = 'magic'\n", r"unknown attention method or recipe 'magic'"),
     ("lengths = [64]\ntasks = ['needles']\n[[methods]]\nmethod = 'dense'\n", r"tasks: unknown task 'needles'"),
     ("tasks = ['passkey']\n[[methods]]\nmethod = 'dense'\n", "tasks need 'lengths'"),
     ("name = \n", "not valid TOML"),
