@@ -1,8 +1,7 @@
 """KV-cache compression: eviction policies over a transformers Cache (one policy per file)."""
 from __future__ import annotations
 
-import dataclasses
-
+from ..methods import build_spec
 from .adakv import AdaKV
 from .base import KVPolicy, ScoreInput
 from .cache import CompressedCache, CompressedLayer
@@ -24,14 +23,7 @@ def make_policy(name, **params) -> KVPolicy:
         if params:
             raise ValueError("pass parameters either in the policy object or as keywords, not both")
         return name
-    if name not in POLICIES:
-        raise ValueError(f"unknown KV-cache policy {name!r}; available: {sorted(POLICIES)}")
-    cls = POLICIES[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(params) - fields
-    if unknown:
-        raise ValueError(f"{name}: unknown parameter(s) {sorted(unknown)}; its parameters are {sorted(fields)}")
-    return cls(**params)
+    return build_spec(POLICIES, "KV-cache policy", name, params)
 
 
 __all__ = ["AdaKV", "CompressedCache", "CompressedLayer", "H2O", "KNorm", "KVPolicy", "POLICIES", "PyramidKV",

@@ -51,9 +51,14 @@ def method_infos() -> list[MethodInfo]:
 
 def make_method(name: str, **params) -> AttentionMethod:
     """Build a validated spec from a method name and keyword parameters."""
-    if name not in METHODS:
-        raise ValueError(f"unknown attention method {name!r}; available: {sorted(METHODS)}")
-    cls = METHODS[name]
+    return build_spec(METHODS, "attention method", name, params)
+
+
+def build_spec(registry: dict, kind: str, name: str, params: dict):
+    """registry[name](**params), with errors naming the unknown `kind` or parameter and what is allowed."""
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; available: {sorted(registry)}")
+    cls = registry[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(params) - fields
     if unknown:
