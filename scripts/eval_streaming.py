@@ -1,8 +1,8 @@
 """Streaming with a bounded KV cache on the reference model (StreamingLLM, arXiv:2309.17453, section 4.1).
 
 Feeds a long held-out text token by token through a compressed cache and records each token's negative
-log-likelihood and the cache's bytes after every step, for sinks + window (the paper's method) and for the same
-budget without sinks (window-only eviction); the in-window reference is strided perplexity with the window as
+log-likelihood and the cache's bytes after every step, for sinks + window (the paper's method), for the same
+budget without sinks (window-only eviction) and for sinks + window with text positions; the in-window reference is strided perplexity with the window as
 context (every token recomputed with up to `window` tokens of context). Then generates `--generate` tokens with
 generate() and the StreamingLLM cache, recording cache bytes per step. Writes JSON and a plot; resumable per
 configuration (finished configurations in the JSON are kept).
@@ -118,7 +118,11 @@ def main(argv=None) -> None:
     budget = args.sinks + args.window
     configs = {f"sinks {args.sinks} + window {args.window}": ("streaming_llm", dict(sink_tokens=args.sinks,
                                                                                       window=args.window)),
-               f"window-only {budget}": ("streaming_llm", dict(sink_tokens=0, window=budget))}
+               f"window-only {budget}": ("streaming_llm", dict(sink_tokens=0, window=budget)),
+               # The same sinks + window with text positions: past the training length RoPE sees positions the
+               # model never learned, which is why StreamingLLM uses positions within the cache.
+               f"sinks {args.sinks} + window {args.window}, text positions": (
+                   "streaming_llm", dict(sink_tokens=args.sinks, window=args.window, shift_positions=False))}
     for name, (policy, params) in configs.items():
         if name not in results["runs"]:
             results["runs"][name] = stream_nll(model, ids, policy, params)
