@@ -164,29 +164,37 @@ def _kv_policy(r: dict) -> str | None:
     return None if kv is None else (kv if isinstance(kv, str) else kv.get("policy"))
 
 
+def _kv_fraction(r: dict) -> float:
+    """The share of the context a record's KV policy may keep: kv_budget / length, else 1 - compression_ratio."""
+    params = r.get("params") or {}
+    kv = params.get("kv_cache") if isinstance(params.get("kv_cache"), dict) else params
+    if kv.get("kv_budget") is not None:
+        return min(1.0, kv["kv_budget"] / r["length"])
+    if kv.get("compression_ratio") is not None:
+        return 1 - kv["compression_ratio"]
+    return 1.0
+
+
 def _score_vs_kv(tasks, out_dir: Path, title: str, task_names, plt) -> Path:
-    """Score vs KV-cache bytes kept (as a fraction of the full cache at that length), one line per policy."""
+    """Score vs the KV budget (share of the context kept per layer and KV head), one line per policy."""
     lengths = sorted({r["length"] for r in tasks})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.8), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False, sharey=True)
     for ax, length in zip(axes[0], lengths):
-        at = [r for r in tasks if r["length"] == length]
-        full = [r["kv_cache_bytes"] for r in at if not _kv_policy(r)]
-        full_bytes = max(full) if full else max(r["kv_cache_bytes"] for r in at)
         lines = defaultdict(lambda: defaultdict(list))
-        for r in at:
-            name = _kv_policy(r) or config_label(r)
-            lines[name][r["kv_cache_bytes"] / full_bytes].append(r["score"])
+        for r in tasks:
+            if r["length"] == length:
+                lines[_kv_policy(r) or config_label(r)][_kv_fraction(r)].append(r["score"])
         for name, pts in sorted(lines.items()):
             xs = sorted(pts)
             ax.plot(xs, [mean(pts[x]) for x in xs], "o-" if len(xs) > 1 else "*", label=name)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{length} tokens")
-        ax.set_xlabel("KV cache kept (fraction of the full cache)")
+        ax.set_xlabel("KV budget (share of the context kept)")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"mean score ({', '.join(task_names)})")
     axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{title}: score vs KV-cache budget")
+    fig.suptitle(f"{title}: score vs KV budget", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_dir / "score_vs_kv_budget.png", plt)
 
