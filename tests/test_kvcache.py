@@ -276,33 +276,43 @@ def test_attention_over_kept_entries_matches_explicit_per_head_reference():
 
 
 def test_streaming_llm_rerotates_kept_keys_to_cache_positions():
-    """Layer 0's keys depend only on the token and its position: after eviction they must equal the keys of
-    the kept tokens encoded afresh at positions 0..n-1, and the next token must be placed at position n."""
+    """Layer 0's keys depend only on the token and its position. StreamingLLM measures distances in the cache:
+    after eviction the kept keys must equal the kept tokens encoded afresh at consecutive positions (the cache
+    frame, up to one offset, which RoPE cannot see), with the newest token at its text position."""
     model = make_model("llama")
     ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(8))
     longattn.patch(model, "streaming_llm", sink_tokens=2, window=6)
     cache = CompressedCache(model._longattn.kv_policy, model)
+
+    def fresh_keys(tokens, first_position):
+        model_plain = DynamicCache(config=model.config)
+        positions = torch.arange(first_position, first_position + tokens.shape[1])[None]
+        model(tokens, position_ids=positions, cache=model_plain, use_cache=True)
+        return model_plain.layers[0].keys
+
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
         kept = cache.kept_positions(0)[0, 0]
         assert kept.tolist() == [0, 1, 24, 25, 26, 27, 28, 29]
-        assert cache.position_shift.tolist() == [22]
         longattn.unpatch(model)
-        fresh = DynamicCache(config=model.config)
-        model(ids[:, kept], cache=fresh, use_cache=True)
-        assert torch.allclose(cache.layers[0].keys, fresh.layers[0].keys, atol=1e-5)
-        # The next token enters at position 8 of the cache frame (30 seen, 22 evicted); then token 24 is
-        # evicted and everything after the sinks moves back one more: layer 0 must hold exactly the keys of
-        # tokens [0, 1, 25..29, new] encoded afresh at positions 0..7.
+        # 22 tokens evicted: the sinks move up to sit right before the window (positions 22..29).
+        assert torch.allclose(cache.layers[0].keys, fresh_keys(ids[:, kept], 22), atol=1e-5)
+        # The next token enters at its text position 30; then token 24 is evicted and the sinks move up one
+        # more: tokens [0, 1, 25..29, new] at positions 23..30.
         longattn.patch(model, "streaming_llm", sink_tokens=2, window=6)
         model(torch.tensor([[7]]), cache=cache, use_cache=True)
         assert cache.kept_positions(0)[0, 0].tolist() == [0, 1, 25, 26, 27, 28, 29, 30]
-        assert cache.position_shift.tolist() == [23]
         longattn.unpatch(model)
-        fresh = DynamicCache(config=model.config)
-        model(torch.cat([ids[:, [0, 1, 25, 26, 27, 28, 29]], torch.tensor([[7]])], 1), cache=fresh, use_cache=True)
-        assert torch.allclose(cache.layers[0].keys, fresh.layers[0].keys, atol=1e-5)
-    longattn.unpatch(model)
+        tokens = torch.cat([ids[:, [0, 1, 25, 26, 27, 28, 29]], torch.tensor([[7]])], 1)
+        assert torch.allclose(cache.layers[0].keys, fresh_keys(tokens, 23), atol=1e-5)
+    # Without re-rotation the sinks keep their text positions 0 and 1.
+    longattn.patch(model, "streaming_llm", sink_tokens=2, window=6, shift_positions=False)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        longattn.unpatch(model)
+        expected = torch.cat([fresh_keys(ids[:, :2], 0), fresh_keys(ids[:, 24:], 24)], dim=2)
+        assert torch.allclose(cache.layers[0].keys, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy,params", [("streaming_llm", dict(sink_tokens=2, window=7)),

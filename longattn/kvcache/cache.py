@@ -156,17 +156,18 @@ class CompressedLayer(DynamicLayer):
             return t.gather(2, idx) if t.dim() == 3 else t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
 
         kept_valid = take(self.valid) & slot_valid
+        self.keys = take(self.keys)
         if self.policy.shifts_positions:
+            # StreamingLLM measures distances in the cache, not in the text: a query must see each kept key as
+            # far away as the number of kept tokens between them. RoPE scores depend only on position
+            # differences, so instead of moving every key back by the evictions before it (and the queries with
+            # them), each kept key moves forward by the real tokens evicted after it: the recent window stays
+            # put, only the sinks turn, and queries keep their text positions.
             evicted = self.valid.clone()
             evicted.scatter_(2, idx, False)
-            # Kept keys move back by the number of real tokens evicted before them (StreamingLLM: positions
-            # are positions in the cache, not in the text).
-            before = evicted.long().cumsum(-1).gather(2, idx)
-            self.keys = self.cache.rerotate(take(self.keys), -before)
-            if self.layer_idx == 0:  # a positional policy evicts the same tokens in every layer
-                self.cache.add_position_shift(evicted[:, 0].sum(-1))
-        else:
-            self.keys = take(self.keys)
+            counts = evicted.long()
+            after = counts.sum(-1, keepdim=True) - counts.cumsum(-1)
+            self.keys = self.cache.rerotate(self.keys, after.gather(2, idx))
         self.values = take(self.values)
         self.token_index = take(self.token_index)
         self.valid = kept_valid
@@ -186,7 +187,6 @@ class CompressedCache(Cache):
 
         n_layers = len(attention_modules(model))
         self.policy = policy
-        self.position_shift: torch.Tensor | None = None
         self._new_validity: torch.Tensor | None = None
         self._inv_freq = _rotary_inv_freq(model) if policy.shifts_positions else None
         super().__init__(layers=[CompressedLayer(policy, i, n_layers, self) for i in range(n_layers)])
@@ -204,21 +204,21 @@ class CompressedCache(Cache):
         return v.to(device)
 
     # ------------------------------------------------------------------------- StreamingLLM positions
-    def add_position_shift(self, evicted: torch.Tensor) -> None:
-        """[B] real tokens evicted before the current end of the stream: new tokens' positions move back."""
-        self.position_shift = evicted if self.position_shift is None else self.position_shift + evicted
-
     def rerotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Rotate RoPE keys [B, H, N, D] by `delta` [B, H, N] more positions (rotations compose)."""
+        """Rotate RoPE keys [B, H, N, D] (in place) by `delta` [B, H, N] more positions; rotations compose, and
+        only the keys with a nonzero delta are touched."""
+        moved = delta != 0
+        if not bool(moved.any()):
+            return keys
         inv_freq = self._inv_freq.to(keys.device)
-        rot = 2 * inv_freq.numel()
-        angle = delta.unsqueeze(-1).float() * inv_freq  # [B, H, N, rot/2]
-        cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
-        k = keys[..., :rot].float()
-        half = rot // 2
-        rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-        out = (k * cos + rotated_half * sin).to(keys.dtype)
-        return torch.cat([out, keys[..., rot:]], dim=-1) if rot < keys.shape[-1] else out
+        half = inv_freq.numel()
+        k = keys[moved].float()  # [M, D]
+        angle = delta[moved].unsqueeze(-1).float() * inv_freq  # [M, half]
+        cos, sin = angle.cos(), angle.sin()
+        x1, x2 = k[:, :half], k[:, half:2 * half]
+        k = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, k[:, 2 * half:]], dim=-1)
+        keys[moved] = k.to(keys.dtype)
+        return keys
 
     # -------------------------------------------------------------------------------- inspection
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
@@ -258,8 +258,8 @@ def default_pattern(method, layer: CompressedLayer):
 
 def install_cache_hook(model, policy: KVPolicy):
     """A forward pre-hook on the model's decoder that swaps the empty cache generate() made (or none, with
-    use_cache=True) for a CompressedCache, and tells a compressed cache which new tokens are pads and, for
-    StreamingLLM, where positions continue. Returns the hook handle."""
+    use_cache=True) for a CompressedCache, and tells a compressed cache which new tokens are pads. Returns the
+    hook handle."""
     def hook(module, args, kwargs):
         if module.training:
             return None
@@ -271,13 +271,7 @@ def install_cache_hook(model, policy: KVPolicy):
             x = kwargs.get("input_ids")
             x = kwargs.get("inputs_embeds") if x is None else x
             x = args[0] if x is None and args else x
-            q = x.shape[1]
-            cache.set_new_validity(kwargs.get("attention_mask"), q)
-            if cache.position_shift is not None:
-                positions = kwargs.get("position_ids")
-                if positions is None:
-                    positions = torch.arange(q, device=x.device)[None] + cache.get_seq_length()
-                kwargs["position_ids"] = positions - cache.position_shift.to(positions.device)[:, None]
+            cache.set_new_validity(kwargs.get("attention_mask"), x.shape[1])
         return args, kwargs
 
     return model.base_model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -12,9 +12,11 @@ from .base import KVPolicy, ScoreInput
 @dataclass
 class StreamingLLM(KVPolicy):
     """Sinks + recent window eviction (Xiao et al. 2023, Efficient Streaming Language Models with Attention
-    Sinks, arXiv:2309.17453). As in the paper, positions are positions in the cache: when tokens between the
-    sinks and the window are evicted, the kept keys are re-rotated (RoPE) back by that many positions and new
-    tokens continue from there, so generation never runs past the positions the model was trained on.
+    Sinks, arXiv:2309.17453). As in the paper, distances are distances in the cache: a query sees each kept key
+    as far away as the number of kept tokens between them, so attention never spans more positions than the
+    model was trained on. Since RoPE scores depend only on position differences, this is done by turning the
+    sink keys forward by the number of tokens evicted after them (the window and the queries keep their text
+    positions): O(sink_tokens) work per eviction.
 
     Parameters
     ----------
@@ -27,7 +29,7 @@ class StreamingLLM(KVPolicy):
     compression_ratio : float or None
         Fraction of the prompt evicted after prefill.
     shift_positions : bool
-        Re-rotate kept keys to cache positions (the paper's method); False keeps text positions.
+        Cache distances (the paper's method); False keeps text distances (the sinks drift ever further away).
     """
 
     name = "streaming_llm"
