@@ -342,9 +342,9 @@ def unpatch(model):
 
 
 @contextlib.contextmanager
-def patched(model, method="dense", *, layers=None, kv_cache=None, **params):
+def patched(model, method="dense", *, layers=None, kv_cache=None, sequence_parallel=None, **params):
     """`with patched(model, "dense"): ...` patches for the block and always restores the original."""
-    patch(model, method, layers=layers, kv_cache=kv_cache, **params)
+    patch(model, method, layers=layers, kv_cache=kv_cache, sequence_parallel=sequence_parallel, **params)
     try:
         yield model
     finally:
