@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 import longattn
-from longattn.evals.runner import versions
+from longattn.evals.runner import cache_bytes, versions
 from longattn.kvcache import CompressedCache, make_policy
 
 
@@ -32,8 +32,7 @@ def decode(model, cache, prompt: torch.Tensor, steps: int) -> tuple[float, int]:
         for _ in range(steps):
             token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         seconds = time.perf_counter() - start
-    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return prompt.shape[0] * steps / seconds, held
+    return prompt.shape[0] * steps / seconds, cache_bytes(cache)
 
 
 def main(argv=None) -> None:

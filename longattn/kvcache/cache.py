@@ -226,10 +226,6 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         return torch.where(layer.valid, layer.token_index, -1)
 
-    def kept_tokens(self) -> list[int]:
-        """Valid entries per layer, summed over batch and KV heads."""
-        return [int(layer.valid.sum()) if layer.is_initialized else 0 for layer in self.layers]
-
     def nbytes(self) -> int:
         """Bytes of the key/value tensors held (what the cache costs in memory)."""
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
