@@ -122,66 +122,79 @@ def _explicit(q, k, v, allowed, scale, softcap):
 def strided_window_attention(query, key, value, mask: AttentionMask, *, span: int, relative_allowed=None,
                              sink_range: tuple[int, int] | None = None, block_size: int, scale: float):
     """Window attention without copying keys: query block i sees the `span + block_size - 1` keys ending at
-    its last query, as a zero-copy strided view of the (once padded) keys; one translation-invariant mask
-    serves every block but the few at the left edge, which get their own.
+    its last query, as a zero-copy strided view of the keys; one translation-invariant mask serves every
+    block but the few at the left edge, which get their own.
 
     For masks that are plain bottom-right causal windows (no padding); `relative_allowed(distance)`
     optionally narrows the window (dilation). `sink_range` (absolute first, last) adds sink keys, merged by
     log-sum-exp, which needs inference mode (the LSE of torch's CPU kernel carries no gradient).
+    Only the blocks whose tiles cross either end of the keys work on a (small) padded copy; every block's
+    result is written once, into the output.
     """
     from .dense import sdpa_tensors
 
     b, hq, q_len, d = query.shape
-    hkv, k_len = key.shape[1], key.shape[2]
+    k_len = key.shape[2]
     bs = block_size
     n_blocks = math.ceil(q_len / bs)
     width = span + bs - 1
     delta = mask.q_offset - mask.kv_offset  # local key index of query 0
     left = span - 1
-    right = max(0, delta + n_blocks * bs - k_len)
-    kp = torch.nn.functional.pad(key, (0, 0, left, right))
-    vp = torch.nn.functional.pad(value, (0, 0, left, right))
-    qp = torch.nn.functional.pad(query, (0, 0, 0, n_blocks * bs - q_len))
     r = torch.arange(bs, device=query.device).view(bs, 1)
     j = torch.arange(width, device=query.device).view(1, width)
     dist = r + left - j  # query row r minus key column j, in positions
     ok = (dist >= 0) & (dist < span)
     if relative_allowed is not None:
         ok = ok & relative_allowed(dist)
-    # Blocks whose window starts before key 0 see padding rows: they get a mask of their own.
-    n_edge = min(n_blocks, max(0, math.ceil((left - delta) / bs)))
-    starts = delta + torch.arange(n_edge, device=query.device) * bs - left  # local key of column 0, per edge block
-    edge_ok = ok & ((starts.view(-1, 1, 1) + j) >= 0)
     neg = float("-inf")
     bias = torch.zeros(bs, width, dtype=query.dtype, device=query.device).masked_fill_(~ok, neg)
+    # Tile of block i: local keys start(i) .. start(i) + width - 1. Blocks whose tile begins before key 0
+    # mask those columns (their own masks); tiles past the last key only hold non-causal columns (masked).
+    start = lambda i: delta + i * bs - left  # noqa: E731
+    n_edge = min(n_blocks, max(0, math.ceil((left - delta) / bs)))
+    n_inner_end = max(n_edge, min(n_blocks, (k_len - width - delta + left) // bs + 1, q_len // bs))
+    edge_ok = ok & ((start(torch.arange(n_edge, device=query.device)).view(-1, 1, 1) + j) >= 0)
     edge_bias = torch.zeros(n_edge, 1, bs, width, dtype=query.dtype, device=query.device).masked_fill_(
         ~edge_ok.unsqueeze(1), neg)
-    s_b, s_h, s_s, _ = kp.stride()
-    outs, lses = [], []
     want_lse = sink_range is not None
+    out = query.new_empty(b, hq, n_blocks * bs, d)
+    lse = torch.empty(b, hq, n_blocks * bs, device=query.device) if want_lse else None
+    ranges = [(0, n_edge, edge_bias), (n_edge, n_inner_end, bias.view(1, 1, bs, width)),
+              (n_inner_end, n_blocks, bias.view(1, 1, bs, width))]
     for bi in range(b):
-        view = dict(size=(n_blocks, hkv, width, d), stride=(bs * s_s, s_h, s_s, 1),
-                    storage_offset=kp.storage_offset() + bi * s_b + delta * s_s)
-        kw, vw = kp.as_strided(**view), vp.as_strided(**view)
-        qb = qp[bi].view(hq, n_blocks, bs, d).transpose(0, 1)  # [blocks, Hq, bs, D]
-        parts = []
-        for sl, m in ((slice(0, n_edge), edge_bias), (slice(n_edge, n_blocks), bias.view(1, 1, bs, width))):
-            if sl.stop > sl.start:
-                parts.append(sdpa_tensors(qb[sl], kw[sl], vw[sl], None, is_causal=False, scale=scale,
-                                          return_lse=want_lse, float_bias=m))
-        if want_lse:
-            outs.append(torch.cat([p[0] for p in parts]).transpose(0, 1).reshape(hq, -1, d))
-            lses.append(torch.cat([p[1] for p in parts]).transpose(0, 1).reshape(hq, -1))
-        else:
-            outs.append(torch.cat(parts).transpose(0, 1).reshape(hq, -1, d))
-    out = torch.stack(outs)[:, :, :q_len]
+        for a, c, m in ranges:
+            if c <= a:
+                continue
+            lo, hi = start(a), start(c - 1) + width  # local keys [lo, hi) cover these blocks' tiles
+            kv = []
+            for t in (key[bi], value[bi]):
+                if lo < 0 or hi > k_len:  # an edge: pad just this range (the inner blocks use t itself)
+                    t = torch.nn.functional.pad(t[:, max(lo, 0):min(hi, k_len)], (0, 0, max(0, -lo), max(0, hi - k_len)))
+                    offset = 0
+                else:
+                    offset = lo
+                s_h, s_s, s_d = t.stride()
+                kv.append(t.as_strided((c - a, t.shape[0], width, d), (bs * s_s, s_h, s_s, s_d),
+                                       t.storage_offset() + offset * s_s))
+            qb = query[bi, :, a * bs:min(c * bs, q_len)]
+            if qb.shape[1] < (c - a) * bs:  # the last, partial block: pad its queries (rows discarded)
+                qb = torch.nn.functional.pad(qb, (0, 0, 0, (c - a) * bs - qb.shape[1]))
+            qb = qb.unflatten(1, (c - a, bs)).transpose(0, 1)  # [blocks, Hq, bs, D]
+            res = sdpa_tensors(qb, kv[0], kv[1], None, is_causal=False, scale=scale, return_lse=want_lse,
+                               float_bias=m)
+            res_out, res_lse = res if want_lse else (res, None)
+            out[bi, :, a * bs:c * bs].unflatten(1, (c - a, bs)).transpose(0, 1).copy_(res_out)
+            if want_lse:
+                lse[bi, :, a * bs:c * bs].unflatten(1, (c - a, bs)).transpose(0, 1).copy_(res_lse)
+    out = out[:, :, :q_len]
     if not want_lse:
         return out
-    return _merge_sinks(query, key, value, mask, out, torch.stack(lses)[:, :, :q_len], span, sink_range, scale)
+    return _merge_sinks(query, key, value, mask, out, lse[:, :, :q_len], span, sink_range, scale)
 
 
 def _merge_sinks(query, key, value, mask, out, lse, span, sink_range, scale):
-    """Add the sink keys that lie before each query's window, merging the two softmaxes by their LSEs."""
+    """Add the sink keys that lie before each query's window, merging the two softmaxes by their LSEs
+    (in place on a float32 `out`: the window output is the largest tensor here)."""
     groups = query.shape[1] // key.shape[1]
     lo, hi = max(sink_range[0], mask.kv_offset), min(sink_range[1], mask.kv_offset + key.shape[2] - 1)
     if hi < lo:
@@ -196,6 +209,8 @@ def _merge_sinks(query, key, value, mask, out, lse, span, sink_range, scale):
     total = torch.logaddexp(lse, s_lse)
     w_win = torch.exp(lse - total).nan_to_num(0.0).unsqueeze(-1)
     p_sink = torch.exp(s - total.unsqueeze(-1)).nan_to_num(0.0)
+    if out.dtype == torch.float32 and not out.requires_grad:
+        return out.mul_(w_win).add_(torch.matmul(p_sink, vs.float()))
     return (out.float() * w_win + torch.matmul(p_sink, vs.float())).to(out.dtype)
 
 
