@@ -224,9 +224,10 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
                     translation_invariant: bool = False):
     """Attention under a local pattern (keys within `span` back, plus `sinks` first tokens).
 
-    backend "gathered" gathers only those keys (work and memory ~ S x span); "auto" does so when it skips at
-    least half of the keys, and otherwise uses the dense kernels with the pattern as a mask (sdpa / flex /
-    math, as for dense attention).
+    backend "gathered" gathers only those keys (work and memory ~ S x span); "auto" takes the zero-copy
+    strided tiles for a plain window whenever a tile is shorter than the keys (a masked dense kernel would
+    compute every pair), gathers keys when that skips at least half of them, and otherwise uses the dense
+    kernels with the pattern as a mask (sdpa / flex / math, as for dense attention).
     """
     from .dense import dense_attention
 
@@ -241,7 +242,7 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
         # Fast path: a plain window (no padding, no other pattern in the model's mask) is the same for every
         # block of queries, so keys need no copying and one mask serves all blocks.
         strided = (translation_invariant and span is not None and softcap is None and not dropout
-                   and pattern.q_len >= GATHER_BLOCK and (span + GATHER_BLOCK) * 2 <= pattern.kv_len
+                   and pattern.q_len >= GATHER_BLOCK and span + GATHER_BLOCK <= pattern.kv_len
                    and (sink_range is None or not (torch.is_grad_enabled() and query.requires_grad)))
         if strided:
             return strided_window_attention(query, key, value, pattern, span=span, block_size=GATHER_BLOCK,
