@@ -39,6 +39,9 @@ ROWS = {
     "g1": (1, None, {}),
     "g2-kdgqa": (2, "kdgqa", {}),
     "g2-dgqa": (2, "dgqa", {"kind": "ema", "beta": 0.9, "window": 1}),
+    # Not a conversion: SSA's temperatures (Zhang et al. 2024) added to the unconverted model and trained
+    # alone (everything else frozen), to compare with g4-finetune, which trains everything.
+    "g4-ssa": (4, "ssa", {}),
 }
 
 
@@ -64,7 +67,8 @@ def perplexity(model, ids, context: int) -> float:
 def uptrain(model, maker, train, steps: int, length: int, tokens_per_step: int, lr: float, seed: int) -> float:
     """AdamW with warm-up and cosine decay on the reference mix (bf16 autocast, as the reference training)."""
     cfg = train.TrainConfig(seed=seed, steps=steps, lr=lr, warmup_steps=max(1, steps // 10), lengths=(length,))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     t0 = time.time()
     for step in range(steps):
@@ -75,7 +79,7 @@ def uptrain(model, maker, train, steps: int, length: int, tokens_per_step: int, 
         loss = train.weighted_loss(model, toks, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             print(f"  step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", file=sys.stderr)
@@ -155,7 +159,11 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         model, _ = longattn.reference_model()
         longattn.convert_to_gqa(model, kv_heads)
-        if method:
+        if method == "ssa":
+            longattn.add_selective_attention(model, **params)
+            for name_, p in model.named_parameters():
+                p.requires_grad_(".ssa_temperature." in name_)
+        elif method:
             longattn.patch(model, method, **params)
         ppl_after = perplexity(model, ids, args.context)
         print(f"{name}: after conversion ppl {ppl_after}; uptraining", file=sys.stderr)
@@ -169,6 +177,9 @@ def main(argv=None):
             "steps": args.steps, "length": args.length, "tokens_per_step": args.tokens_per_step, "lr": args.lr,
             "seed": args.seed, "eval_tokens": int(ids.numel()), "context": args.context,
         }
+        if method == "ssa":
+            row["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            row["ssa_parameters"] = longattn.selective_parameter_count(model)
         if method == "dgqa":
             row["dgqa_allocation"] = [m._longattn_dgqa["counts"].tolist()
                                       for m in longattn.patching.attention_modules(model)]
