@@ -120,14 +120,16 @@ def _explicit(q, k, v, allowed, scale, softcap):
     return torch.matmul(probs.to(v.dtype), v), lse
 
 def strided_window_attention(query, key, value, mask: AttentionMask, *, span: int, relative_allowed=None,
-                             sink_range: tuple[int, int] | None = None, block_size: int, scale: float):
+                             sink_positions: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
+                             block_size: int, scale: float):
     """Window attention without copying keys: query block i sees the `span + block_size - 1` keys ending at
     its last query, as a zero-copy strided view of the keys; one translation-invariant mask serves every
-    block but the few at the left edge, which get their own.
+    block but the few that need their own: those whose tile starts before key 0 or holds a padded key.
 
-    For masks that are plain bottom-right causal windows (no padding); `relative_allowed(distance)`
-    optionally narrows the window (dilation). `sink_range` (absolute first, last) adds sink keys, merged by
-    log-sum-exp, which needs inference mode (the LSE of torch's CPU kernel carries no gradient).
+    For masks that are a bottom-right causal window plus key padding (`key_padding` [B, K] bool, True = real
+    key; None = none); `relative_allowed(distance)` optionally narrows the window (dilation).
+    `sink_positions` ([B, n] absolute positions) adds sink keys, merged by log-sum-exp, which needs inference
+    mode (the LSE of torch's CPU kernel carries no gradient); `mask.fn` decides which of them each query sees.
     Only the blocks whose tiles cross either end of the keys work on a (small) padded copy; every block's
     result is written once, into the output.
     """
@@ -140,32 +142,40 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
     width = span + bs - 1
     delta = mask.q_offset - mask.kv_offset  # local key index of query 0
     left = span - 1
-    r = torch.arange(bs, device=query.device).view(bs, 1)
-    j = torch.arange(width, device=query.device).view(1, width)
+    dev = query.device
+    r = torch.arange(bs, device=dev).view(bs, 1)
+    j = torch.arange(width, device=dev).view(1, width)
     dist = r + left - j  # query row r minus key column j, in positions
     ok = (dist >= 0) & (dist < span)
     if relative_allowed is not None:
         ok = ok & relative_allowed(dist)
     neg = float("-inf")
-    bias = torch.zeros(bs, width, dtype=query.dtype, device=query.device).masked_fill_(~ok, neg)
-    # Tile of block i: local keys start(i) .. start(i) + width - 1. Blocks whose tile begins before key 0
-    # mask those columns (their own masks); tiles past the last key only hold non-causal columns (masked).
-    start = lambda i: delta + i * bs - left  # noqa: E731
+    shared_bias = torch.zeros(1, 1, bs, width, dtype=query.dtype, device=dev).masked_fill_(~ok, neg)
+    starts = delta + torch.arange(n_blocks, device=dev) * bs - left  # local key of each block's column 0
+    # Blocks [n_edge, n_inner_end) have whole query blocks and tiles inside the keys: views of the keys.
     n_edge = min(n_blocks, max(0, math.ceil((left - delta) / bs)))
     n_inner_end = max(n_edge, min(n_blocks, (k_len - width - delta + left) // bs + 1, q_len // bs))
-    edge_ok = ok & ((start(torch.arange(n_edge, device=query.device)).view(-1, 1, 1) + j) >= 0)
-    edge_bias = torch.zeros(n_edge, 1, bs, width, dtype=query.dtype, device=query.device).masked_fill_(
-        ~edge_ok.unsqueeze(1), neg)
-    want_lse = sink_range is not None
+    want_lse = sink_positions is not None
     out = query.new_empty(b, hq, n_blocks * bs, d)
-    lse = torch.empty(b, hq, n_blocks * bs, device=query.device) if want_lse else None
-    ranges = [(0, n_edge, edge_bias), (n_edge, n_inner_end, bias.view(1, 1, bs, width)),
-              (n_inner_end, n_blocks, bias.view(1, 1, bs, width))]
+    lse = torch.empty(b, hq, n_blocks * bs, device=dev) if want_lse else None
     for bi in range(b):
-        for a, c, m in ranges:
-            if c <= a:
-                continue
-            lo, hi = start(a), start(c - 1) + width  # local keys [lo, hi) cover these blocks' tiles
+        row_pad = None if key_padding is None or bool(key_padding[bi].all()) else key_padding[bi]
+        own = starts < 0  # blocks that need a mask of their own
+        if row_pad is not None:  # ... and those whose tile holds a padded key (prefix sums over the tile)
+            pads = torch.nn.functional.pad((~row_pad).to(torch.int32).cumsum(0), (1, 0))
+            lo_c, hi_c = starts.clamp(0, k_len), (starts + width).clamp(0, k_len)
+            own |= pads[hi_c] > pads[lo_c]
+        for a, c, needs_own in _runs(own, n_inner_end, max_run=32):
+            if needs_own:
+                cols = starts[a:c].view(-1, 1) + j  # [blocks, width] local key index
+                real = (cols >= 0) & (cols < k_len)
+                if row_pad is not None:
+                    real &= row_pad[cols.clamp(0, k_len - 1)]
+                bias = torch.zeros(c - a, 1, bs, width, dtype=query.dtype, device=dev).masked_fill_(
+                    ~(ok & real.unsqueeze(1)).unsqueeze(1), neg)
+            else:
+                bias = shared_bias
+            lo, hi = int(starts[a]), int(starts[c - 1]) + width  # local keys [lo, hi) cover the run's tiles
             kv = []
             for t in (key[bi], value[bi]):
                 if lo < 0 or hi > k_len:  # an edge: pad just this range (the inner blocks use t itself)
@@ -181,7 +191,7 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
                 qb = torch.nn.functional.pad(qb, (0, 0, 0, (c - a) * bs - qb.shape[1]))
             qb = qb.unflatten(1, (c - a, bs)).transpose(0, 1)  # [blocks, Hq, bs, D]
             res = sdpa_tensors(qb, kv[0], kv[1], None, is_causal=False, scale=scale, return_lse=want_lse,
-                               float_bias=m)
+                               float_bias=bias)
             res_out, res_lse = res if want_lse else (res, None)
             out[bi, :, a * bs:c * bs].unflatten(1, (c - a, bs)).transpose(0, 1).copy_(res_out)
             if want_lse:
@@ -189,22 +199,40 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
     out = out[:, :, :q_len]
     if not want_lse:
         return out
-    return _merge_sinks(query, key, value, mask, out, lse[:, :, :q_len], span, sink_range, scale)
+    return _merge_sinks(query, key, value, mask, out, lse[:, :, :q_len], span, sink_positions, scale)
 
 
-def _merge_sinks(query, key, value, mask, out, lse, span, sink_range, scale):
-    """Add the sink keys that lie before each query's window, merging the two softmaxes by their LSEs
-    (in place on a float32 `out`: the window output is the largest tensor here)."""
-    groups = query.shape[1] // key.shape[1]
-    lo, hi = max(sink_range[0], mask.kv_offset), min(sink_range[1], mask.kv_offset + key.shape[2] - 1)
-    if hi < lo:
+def _runs(own: torch.Tensor, split_at: int, max_run: int):
+    """(first, stop, needs_own) runs of consecutive blocks with the same `own`; runs also break at `split_at`
+    (where tiles start to run past the last key) and after `max_run` blocks with masks of their own."""
+    flags = own.tolist()
+    runs, a = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[a] or i == split_at or (flags[a] and i - a == max_run):
+            runs.append((a, i, flags[a]))
+            a = i
+    return runs
+
+
+def _merge_sinks(query, key, value, mask, out, lse, span, sink_positions, scale):
+    """Add the sink keys ([B, n] absolute positions) that lie before each query's window and that `mask`
+    allows, merging the two softmaxes by their LSEs (in place on a float32 `out`: the largest tensor here)."""
+    b, hkv, k_len, d = key.shape
+    groups = query.shape[1] // hkv
+    n = sink_positions.shape[1]
+    local = sink_positions.to(query.device) - mask.kv_offset
+    present = (local >= 0) & (local < k_len)
+    if not bool(present.any()):
         return out
-    ks = key[:, :, lo - mask.kv_offset:hi - mask.kv_offset + 1].repeat_interleave(groups, 1)
-    vs = value[:, :, lo - mask.kv_offset:hi - mask.kv_offset + 1].repeat_interleave(groups, 1)
-    q_abs = torch.arange(query.shape[2], device=query.device).view(-1, 1) + mask.q_offset
-    k_abs = torch.arange(lo, hi + 1, device=query.device).view(1, -1)
-    before_window = (k_abs <= q_abs) & (q_abs - k_abs >= span)
-    s = (torch.matmul(query, ks.transpose(-1, -2)) * scale).float().masked_fill(~before_window, float("-inf"))
+    idx = local.clamp(0, k_len - 1)
+    ks = key.gather(2, idx.view(b, 1, n, 1).expand(b, hkv, n, d)).repeat_interleave(groups, 1)
+    vs = value.gather(2, idx.view(b, 1, n, 1).expand(b, hkv, n, d)).repeat_interleave(groups, 1)
+    q_abs = (torch.arange(query.shape[2], device=query.device) + mask.q_offset).view(1, 1, -1, 1)
+    k_abs = (idx + mask.kv_offset).view(b, 1, 1, n)
+    rows = torch.arange(b, device=query.device).view(b, 1, 1, 1)
+    allowed = (mask.fn(rows, torch.zeros_like(rows), q_abs, k_abs) & (q_abs - k_abs >= span)
+               & present.view(b, 1, 1, n))
+    s = (torch.matmul(query, ks.transpose(-1, -2)) * scale).float().masked_fill(~allowed, float("-inf"))
     s_lse = torch.logsumexp(s, dim=-1)
     total = torch.logaddexp(lse, s_lse)
     w_win = torch.exp(lse - total).nan_to_num(0.0).unsqueeze(-1)
@@ -224,6 +252,9 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
                     translation_invariant: bool = False):
     """Attention under a local pattern (keys within `span` back, plus `sinks` first tokens).
 
+    `translation_invariant` says that the pattern is exactly that window (and sinks) plus the mask's key
+    padding: nothing else in the model's mask.
+
     backend "gathered" gathers only those keys (work and memory ~ S x span); "auto" takes the zero-copy
     strided tiles for a plain window whenever a tile is shorter than the keys (a masked dense kernel would
     compute every pair), gathers keys when that skips at least half of them, and otherwise uses the dense
@@ -239,15 +270,20 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
         hi = (0 if first_token is None else int(first_token.max())) + sinks - 1
         sink_range = (lo, hi)
     if backend in ("auto", "gathered"):
-        # Fast path: a plain window (no padding, no other pattern in the model's mask) is the same for every
-        # block of queries, so keys need no copying and one mask serves all blocks.
+        # Fast path: a window (plus key padding, no other pattern in the model's mask) is the same for every
+        # block of queries, so keys need no copying and one mask serves all blocks but those near pads.
         strided = (translation_invariant and span is not None and softcap is None and not dropout
                    and pattern.q_len >= GATHER_BLOCK and span + GATHER_BLOCK <= pattern.kv_len
-                   and (sink_range is None or not (torch.is_grad_enabled() and query.requires_grad)))
+                   and (not sinks or not (torch.is_grad_enabled() and query.requires_grad)))
         if strided:
+            sink_positions = None
+            if sinks:
+                first = (torch.zeros(query.shape[0], dtype=torch.long, device=query.device) if first_token is None
+                         else first_token.to(query.device).expand(query.shape[0]))
+                sink_positions = first.view(-1, 1) + torch.arange(sinks, device=query.device)
             return strided_window_attention(query, key, value, pattern, span=span, block_size=GATHER_BLOCK,
-                                            relative_allowed=relative_allowed, sink_range=sink_range,
-                                            scale=scale)
+                                            relative_allowed=relative_allowed, sink_positions=sink_positions,
+                                            key_padding=pattern.key_padding(), scale=scale)
         index = local_key_index(pattern, GATHER_BLOCK, span, sink_range)
         worth_it = pattern.q_len >= GATHER_BLOCK and index.shape[1] * 2 <= pattern.kv_len
         decode_worth_it = pattern.q_len == 1 and index.shape[1] * 2 <= pattern.kv_len

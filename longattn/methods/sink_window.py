@@ -66,4 +66,4 @@ class SinkWindow(AttentionMethod):
         pattern = mask.restrict(sinks_and_window(self.sink_tokens, self.window, first), cache_key=repr(self))
         return local_attention(query, key, value, pattern, span=self.window, sinks=self.sink_tokens,
                                first_token=first, backend=self.backend, scale=call.scale, softcap=call.softcap,
-                               dropout=call.dropout, translation_invariant=mask.is_plain())
+                               dropout=call.dropout, translation_invariant=mask.structured)

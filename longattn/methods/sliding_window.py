@@ -55,4 +55,4 @@ class SlidingWindow(AttentionMethod):
         windowed = mask.restrict(sliding_window(self.window), window=self.window, cache_key=repr(self))
         return local_attention(query, key, value, windowed, span=self.window, backend=self.backend,
                                scale=call.scale, softcap=call.softcap, dropout=call.dropout,
-                               translation_invariant=mask.is_plain())
+                               translation_invariant=mask.structured)
