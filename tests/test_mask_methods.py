@@ -196,6 +196,16 @@ def test_gathered_never_builds_a_full_score_matrix():
     assert sink_index.shape == (32, 4 + 128 + 64 - 1)
 
 
+def assert_same_gradients(method, reference, q, k, v, mask):
+    grads = []
+    for m in (method, reference):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        m.attend(*leaves, mask, AttendCall(scale=0.25)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", [SlidingWindow(window=100), SinkWindow(sink_tokens=4, window=100),
                                     Dilated(window=40, dilation=3)], ids=repr)
 @pytest.mark.parametrize("q_len, kv_len, batch", [(700, 700, 2), (300, 1000, 1), (517, 517, 1)])
@@ -217,13 +227,7 @@ def test_strided_window_fast_path_equals_reference(method, q_len, kv_len, batch,
     assert calls, "the strided fast path was not taken"
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     if not isinstance(method, SinkWindow):  # training through the strided path (sinks need inference mode)
-        grads = []
-        for m in (method, reference):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            m.attend(*leaves, mask, AttendCall(scale=0.25)).sum().backward()
-            grads.append([t.grad for t in leaves])
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        assert_same_gradients(method, reference, q, k, v, mask)
 
 
 @pytest.mark.parametrize("method", [SlidingWindow(window=100), SinkWindow(sink_tokens=4, window=100),
@@ -255,13 +259,7 @@ def test_strided_window_fast_path_with_padding_equals_reference(method, q_len, k
     assert calls, "the strided fast path was not taken"
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     if not isinstance(method, SinkWindow):
-        grads = []
-        for m in (method, reference):
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            m.attend(*leaves, mask, AttendCall(scale=0.25)).sum().backward()
-            grads.append([t.grad for t in leaves])
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        assert_same_gradients(method, reference, q, k, v, mask)
 
 
 @pytest.mark.parametrize("method", [SlidingWindow(window=5, backend="sdpa"),
