@@ -119,7 +119,7 @@ def _explicit(q, k, v, allowed, scale, softcap):
     probs = torch.exp(scores - lse.clamp_min(-1e30).unsqueeze(-1))  # all-masked rows: 0, not nan
     return torch.matmul(probs.to(v.dtype), v), lse
 
-def strided_window_attention(query, key, value, mask: AttentionMask, *, span: int, relative_allowed=None,
+def strided_window_attention(query, key, value, mask: AttentionMask, *, span: int,
                              sink_positions: torch.Tensor | None = None, key_padding: torch.Tensor | None = None,
                              block_size: int, scale: float):
     """Window attention without copying keys: query block i sees the `span + block_size - 1` keys ending at
@@ -127,7 +127,7 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
     block but the few that need their own: those whose tile starts before key 0 or holds a padded key.
 
     For masks that are a bottom-right causal window plus key padding (`key_padding` [B, K] bool, True = real
-    key; None = none); `relative_allowed(distance)` optionally narrows the window (dilation).
+    key; None = none); any strides (dilated_strided_attention passes every d-th position).
     `sink_positions` ([B, n] absolute positions) adds sink keys, merged by log-sum-exp, which needs inference
     mode (the LSE of torch's CPU kernel carries no gradient); `mask.fn` decides which of them each query sees.
     Only the blocks whose tiles cross either end of the keys work on a (small) padded copy; every block's
@@ -147,8 +147,6 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
     j = torch.arange(width, device=dev).view(1, width)
     dist = r + left - j  # query row r minus key column j, in positions
     ok = (dist >= 0) & (dist < span)
-    if relative_allowed is not None:
-        ok = ok & relative_allowed(dist)
     neg = float("-inf")
     shared_bias = torch.zeros(1, 1, bs, width, dtype=query.dtype, device=dev).masked_fill_(~ok, neg)
     starts = delta + torch.arange(n_blocks, device=dev) * bs - left  # local key of each block's column 0
@@ -202,6 +200,27 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
     return _merge_sinks(query, key, value, mask, out, lse[:, :, :q_len], span, sink_positions, scale)
 
 
+def dilated_strided_attention(query, key, value, mask: AttentionMask, *, span: int, dilation: int,
+                              key_padding: torch.Tensor | None = None, block_size: int, scale: float):
+    """A dilated window as `dilation` plain windows: a query at a position p = r (mod dilation) only sees keys
+    at positions = r, and among those, the ones within ceil(span / dilation) steps back. Each residue class
+    is a strided view of the sequence, so only attended pairs are computed."""
+    b, hq, q_len, d = query.shape
+    out = query.new_empty(b, hq, q_len, d)
+    for r in range(dilation):
+        i0, j0 = (r - mask.q_offset) % dilation, (r - mask.kv_offset) % dilation  # first local index of class r
+        if i0 >= q_len:
+            continue
+        qs, ks, vs = query[:, :, i0::dilation], key[:, :, j0::dilation], value[:, :, j0::dilation]
+        # Positions of the class, counted in steps of `dilation` (exact: both offsets are = r mod dilation).
+        sub = AttentionMask(b, qs.shape[2], ks.shape[2], q_offset=(mask.q_offset + i0 - r) // dilation,
+                            kv_offset=(mask.kv_offset + j0 - r) // dilation, device=query.device)
+        out[:, :, i0::dilation] = strided_window_attention(
+            qs, ks, vs, sub, span=math.ceil(span / dilation), block_size=block_size, scale=scale,
+            key_padding=None if key_padding is None else key_padding[:, j0::dilation])
+    return out
+
+
 def _runs(own: torch.Tensor, split_at: int, max_run: int):
     """(first, stop, needs_own) runs of consecutive blocks with the same `own`; runs also break at `split_at`
     (where tiles start to run past the last key) and after `max_run` blocks with masks of their own."""
@@ -248,12 +267,12 @@ LOCAL_BACKENDS = ("auto", "gathered", "sdpa", "flex", "flash", "math")
 
 def local_attention(query, key, value, pattern: AttentionMask, *, span: int | None, sinks: int = 0,
                     first_token: torch.Tensor | None = None, backend: str = "auto", scale: float,
-                    softcap: float | None = None, dropout: float = 0.0, relative_allowed=None,
+                    softcap: float | None = None, dropout: float = 0.0, dilation: int = 1,
                     translation_invariant: bool = False):
     """Attention under a local pattern (keys within `span` back, plus `sinks` first tokens).
 
-    `translation_invariant` says that the pattern is exactly that window (and sinks) plus the mask's key
-    padding: nothing else in the model's mask.
+    `translation_invariant` says that the pattern is exactly that window (and sinks; every `dilation`-th key
+    within `span` when dilated) plus the mask's key padding: nothing else in the model's mask.
 
     backend "gathered" gathers only those keys (work and memory ~ S x span); "auto" takes the zero-copy
     strided tiles for a plain window whenever a tile is shorter than the keys (a masked dense kernel would
@@ -281,9 +300,13 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
                 first = (torch.zeros(query.shape[0], dtype=torch.long, device=query.device) if first_token is None
                          else first_token.to(query.device).expand(query.shape[0]))
                 sink_positions = first.view(-1, 1) + torch.arange(sinks, device=query.device)
+            if dilation > 1:
+                return dilated_strided_attention(query, key, value, pattern, span=span, dilation=dilation,
+                                                 key_padding=pattern.key_padding(), block_size=GATHER_BLOCK,
+                                                 scale=scale)
             return strided_window_attention(query, key, value, pattern, span=span, block_size=GATHER_BLOCK,
-                                            relative_allowed=relative_allowed, sink_positions=sink_positions,
-                                            key_padding=pattern.key_padding(), scale=scale)
+                                            sink_positions=sink_positions, key_padding=pattern.key_padding(),
+                                            scale=scale)
         index = local_key_index(pattern, GATHER_BLOCK, span, sink_range)
         worth_it = pattern.q_len >= GATHER_BLOCK and index.shape[1] * 2 <= pattern.kv_len
         decode_worth_it = pattern.q_len == 1 and index.shape[1] * 2 <= pattern.kv_len

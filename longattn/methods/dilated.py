@@ -57,5 +57,4 @@ class Dilated(AttentionMethod):
         pattern = mask.restrict(dilated_window(self.window, self.dilation), cache_key=repr(self))
         return local_attention(query, key, value, pattern, span=self.window * self.dilation,
                                backend=self.backend, scale=call.scale, softcap=call.softcap, dropout=call.dropout,
-                               translation_invariant=mask.structured,
-                               relative_allowed=lambda distance: distance % self.dilation == 0)
+                               translation_invariant=mask.structured, dilation=self.dilation)
