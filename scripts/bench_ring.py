@@ -17,11 +17,13 @@ method is checked at start-up on allocations of known size (method_check in the 
 process RSS above the level before the call (longattn.evals.memory.PeakMemory, sampled; noisy, includes
 allocator caching and gloo's own buffers).
 
-Goal (issue 8): per-rank attention memory ~ 1/P of P=1's at the same total length, so the longest sequence
-within a fixed per-rank budget grows ~ x P. The longest sequence is found by measurement: memory is linear
-in the tokens per rank, so a line through the two longest measured lengths predicts it, and runs at the
-prediction and one granule above confirm it. Times on a 2-core machine with P processes sharing the cores
-measure no speed-up; they show the cost.
+Goal (issue 8): per-rank attention memory ~ 1/P of single-device attention at the same total length, so the
+longest sequence within a fixed per-rank budget grows ~ x P. Two single-device baselines: the same ring code
+on one rank (P=1), and torch's fused scaled_dot_product_attention on one process (sdpa: what the model runs
+without sequence parallelism). Budgets: each baseline's memory at --budget-length tokens. The longest
+sequence is found by measurement: memory is linear in the tokens per rank, so a line through the two longest
+measured lengths predicts it, and runs at the prediction and one granule above confirm it. Times on a
+2-core machine with P processes sharing the cores measure no speed-up; they show the cost.
 """
 from __future__ import annotations
 
@@ -105,31 +107,41 @@ def make_inputs(seq, world, heads, kv_heads, head_dim):
     return q, k, v, grad
 
 
-def attention_memory(seq, world, layout, heads, kv_heads, head_dim):
-    """(peak bytes over forward + backward, live bytes after the forward) allocated by ring attention."""
-    from longattn.parallel import ring_attention
+def attention_fn(impl, world):
+    """impl "ring": ring_attention over the zigzag layout; "sdpa": torch's fused SDPA on one process (the
+    single-device baseline, what a model runs without sequence parallelism)."""
+    if impl == "sdpa":
+        import torch.nn.functional as F
 
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    from longattn.parallel import ShardLayout, ring_attention
+
+    layout = ShardLayout("zigzag", world)
+    return lambda q, k, v: ring_attention(q, k, v, layout=layout)
+
+
+def attention_memory(attend, seq, world, heads, kv_heads, head_dim):
+    """(peak bytes over forward + backward, live bytes after the forward) allocated by `attend`."""
     q, k, v, grad = make_inputs(seq, world, heads, kv_heads, head_dim)
     torch.distributed.barrier()
     with TensorMemory() as fwd:
-        out = ring_attention(q, k, v, layout=layout)
+        out = attend(q, k, v)
     with TensorMemory(start_bytes=fwd.end_bytes) as bwd:  # frees of forward tensors are reported here
         out.backward(grad)
         del out
     return max(fwd.peak_bytes, bwd.peak_bytes), fwd.end_bytes
 
 
-def bench_rank(rank, world, lengths, heads, kv_heads, head_dim, reps, timed):
+def bench_rank(rank, world, impl, lengths, heads, kv_heads, head_dim, reps, timed):
     from longattn.evals.memory import PeakMemory
-    from longattn.parallel import ShardLayout, ring_attention
 
-    layout = ShardLayout("zigzag", world)
+    attend = attention_fn(impl, world)
     q, k, v, grad = make_inputs(512 * world, world, heads, kv_heads, head_dim)  # one-time costs (thread pools)
-    ring_attention(q, k, v, layout=layout).backward(grad)
+    attend(q, k, v).backward(grad)
     del q, k, v, grad
     out = []
     for seq in lengths:
-        peak, after_fwd = attention_memory(seq, world, layout, heads, kv_heads, head_dim)
+        peak, after_fwd = attention_memory(attend, seq, world, heads, kv_heads, head_dim)
         row = {"seq_len": seq, "peak_bytes": peak, "after_forward_bytes": after_fwd}
         if timed:
             times, rss = [], []
@@ -138,7 +150,7 @@ def bench_rank(rank, world, lengths, heads, kv_heads, head_dim, reps, timed):
                 torch.distributed.barrier()
                 with PeakMemory("cpu") as pm:
                     t0 = time.perf_counter()
-                    ring_attention(q, k, v, layout=layout).backward(grad)
+                    attend(q, k, v).backward(grad)
                     times.append(time.perf_counter() - t0)
                 rss.append(pm.peak_bytes)
                 del q, k, v, grad
@@ -147,21 +159,20 @@ def bench_rank(rank, world, lengths, heads, kv_heads, head_dim, reps, timed):
     return out
 
 
-def run(world, lengths, args, timed):
+def run(world, lengths, args, timed, impl="ring"):
     threads = max(1, (os.cpu_count() or 1) // world)
-    per_rank = run_distributed(bench_rank, world, lengths, args.heads, args.kv_heads, args.head_dim, args.reps, timed,
-                               timeout_s=1800, threads=threads)
+    per_rank = run_distributed(bench_rank, world, impl, lengths, args.heads, args.kv_heads, args.head_dim, args.reps,
+                               timed, timeout_s=1800, threads=threads)
     return [[r[i] for r in per_rank] for i in range(len(lengths))], threads
 
 
-def longest_within(world, rows, budget, granule, args):
+def longest_within(world, measured, budget, granule, args):
     """The longest multiple of `granule` tokens whose max per-rank attention memory is within `budget`:
-    predicted from the line through the two longest measured lengths, then confirmed by runs at the
-    prediction (fits) and one granule above (does not)."""
-    (s0, m0), (s1, m1) = sorted((r["seq_len"], r["max_attention_bytes"]) for r in rows)[-2:]
+    predicted from the line through the two longest measured lengths (`measured`: seq_len -> bytes, extended
+    by the runs made here), then confirmed by runs at the prediction (fits) and one granule above (does not)."""
+    (s0, m0), (s1, m1) = sorted(measured.items())[-2:]
     slope = (m1 - m0) / (s1 - s0)
     guess = max(granule, int((budget - (m0 - slope * s0)) / slope) // granule * granule)
-    measured = {r["seq_len"]: r["max_attention_bytes"] for r in rows}
 
     def mem(seq):
         if seq not in measured:
@@ -179,6 +190,20 @@ def longest_within(world, rows, budget, granule, args):
             "predicted_from_line": guess}
 
 
+def table_row(impl, world, seq, rows, args, threads):
+    n = seq // world
+    inputs = (2 * args.heads + 2 * args.kv_heads) * n * args.head_dim * 4
+    return {
+        "impl": impl, "ranks": world, "seq_len": seq, "tokens_per_rank": n,
+        "attention_mib_per_rank": [round(r["peak_bytes"] / MIB, 3) for r in rows],
+        "max_attention_bytes": max(r["peak_bytes"] for r in rows),
+        "max_attention_mib": round(max(r["peak_bytes"] for r in rows) / MIB, 3),
+        "after_forward_mib": round(max(r["after_forward_bytes"] for r in rows) / MIB, 3),
+        "inputs_mib_per_rank": round(inputs / MIB, 3),
+        "rss_mib_per_rank": [round(r["rss_bytes"] / MIB, 1) for r in rows],
+        "time_s": round(max(r["time_s"] for r in rows), 4), "threads_per_rank": threads}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
@@ -190,7 +215,7 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--reps", type=int, default=1, help="timed repetitions (memory is measured once: it is exact)")
     p.add_argument("--budget-length", type=int, default=8192,
-                   help="the per-rank budget is P=1's attention memory at this length")
+                   help="the per-rank budgets are ring P=1's and sdpa's attention memory at this length")
     p.add_argument("--granule", type=int, default=1024, help="resolution of the longest-sequence search (tokens)")
     p.add_argument("--out", default="evals/results/bench_ring.json")
     args = p.parse_args(argv)
@@ -204,53 +229,55 @@ def main(argv=None):
             lengths = sorted(lengths + [args.budget_length])
         t0 = time.perf_counter()
         per_len, threads = run(world, lengths, args, timed=True)
-        for seq, rows in zip(lengths, per_len):
-            n = seq // world
-            inputs = (2 * args.heads + 2 * args.kv_heads) * n * args.head_dim * 4
-            results.append({
-                "ranks": world, "seq_len": seq, "tokens_per_rank": n,
-                "attention_mib_per_rank": [round(r["peak_bytes"] / MIB, 3) for r in rows],
-                "max_attention_bytes": max(r["peak_bytes"] for r in rows),
-                "max_attention_mib": round(max(r["peak_bytes"] for r in rows) / MIB, 3),
-                "after_forward_mib": round(max(r["after_forward_bytes"] for r in rows) / MIB, 3),
-                "inputs_mib_per_rank": round(inputs / MIB, 3),
-                "rss_mib_per_rank": [round(r["rss_bytes"] / MIB, 1) for r in rows],
-                "time_s": round(max(r["time_s"] for r in rows), 4), "threads_per_rank": threads})
+        results += [table_row("ring", world, seq, rows, args, threads) for seq, rows in zip(lengths, per_len)]
         print(f"P={world}: {len(lengths)} lengths in {time.perf_counter() - t0:.0f} s", flush=True)
+    p1_lengths = [r["seq_len"] for r in results if r["ranks"] == 1]
+    per_len, threads = run(1, p1_lengths, args, timed=True, impl="sdpa")
+    sdpa = [table_row("sdpa", 1, seq, rows, args, threads) for seq, rows in zip(p1_lengths, per_len)]
     base = {r["seq_len"]: r["max_attention_bytes"] for r in results if r["ranks"] == 1}
-    for r in results:
-        r["mem_ratio_vs_p1"] = round(r["max_attention_bytes"] / base[r["seq_len"]], 3) if r["seq_len"] in base else None
+    sdpa_base = {r["seq_len"]: r["max_attention_bytes"] for r in sdpa}
+    for r in results + sdpa:
+        seq = r["seq_len"]
+        r["mem_ratio_vs_p1"] = round(r["max_attention_bytes"] / base[seq], 3) if seq in base else None
+        r["mem_ratio_vs_sdpa"] = round(r["max_attention_bytes"] / sdpa_base[seq], 3) if seq in sdpa_base else None
         r["ideal_ratio"] = round(1 / r["ranks"], 3)
-    budget = base[args.budget_length]
-    fits = {}
+    budgets = {"ring_p1": base[args.budget_length], "sdpa": sdpa_base[args.budget_length]}
+    fits = {name: {} for name in budgets}
     for world in args.ranks:
         t0 = time.perf_counter()
-        fits[str(world)] = longest_within(world, [r for r in results if r["ranks"] == world], budget, args.granule,
-                                          args)
-        print(f"P={world}: longest within budget {fits[str(world)]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    first = fits["1"]["longest_seq_len"]
-    for world in args.ranks:
-        fits[str(world)]["growth_vs_p1"] = round(fits[str(world)]["longest_seq_len"] / first, 2)
+        measured = {r["seq_len"]: r["max_attention_bytes"] for r in results if r["ranks"] == world}
+        for name, budget in budgets.items():
+            fits[name][str(world)] = longest_within(world, measured, budget, args.granule, args)
+        print(f"P={world}: longest within budgets {[f[str(world)] for f in fits.values()]} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    for name in budgets:
+        for world in args.ranks:
+            fits[name][str(world)]["growth_vs_single_device"] = round(
+                fits[name][str(world)]["longest_seq_len"] / args.budget_length, 2)
     report = {
         "benchmark": "ring attention forward+backward, causal, zigzag, fp32, gloo on CPU",
         "config": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "batch": 1,
                    "dtype": "float32", "timed_reps": args.reps, "cpu_cores": os.cpu_count(),
                    "torch": torch.__version__, "platform": platform.platform()},
-        "memory": "attention_mib_per_rank: per rank, the peak of live tensor bytes allocated during ring attention's "
+        "memory": "attention_mib_per_rank: per rank, the peak of live tensor bytes allocated during attention's "
                   "forward + backward (torch.profiler memory events; exact, excludes the inputs q, k, v and output "
                   "gradient, whose size is inputs_mib_per_rank); after_forward_mib: what the forward leaves alive "
                   "for the backward; rss_mib_per_rank: secondary, sampled peak RSS above the level before the call",
         "method_check": method_check,
-        "budget_mib_per_rank": round(budget / MIB, 3),
-        "budget_definition": f"P=1 attention memory at {args.budget_length} tokens",
+        "baselines": "ring P=1: the same ring code on one rank; sdpa: torch.nn.functional.scaled_dot_product_attention "
+                     "(is_causal, enable_gqa) forward + backward on one process, what the model runs without "
+                     "sequence parallelism",
+        "budget_mib_per_rank": {name: round(b / MIB, 3) for name, b in budgets.items()},
+        "budget_definition": f"attention memory of ring P=1 / of sdpa at {args.budget_length} tokens",
         "results": [{k: v for k, v in r.items() if k != "max_attention_bytes"} for r in results],
+        "single_device_sdpa": [{k: v for k, v in r.items() if k != "max_attention_bytes"} for r in sdpa],
         "longest_sequence_within_budget": fits,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    for r in results:
-        print(f"P={r['ranks']} S={r['seq_len']:6d}  attention/rank {r['max_attention_mib']:9.2f} MiB  "
-              f"ratio vs P=1 {r['mem_ratio_vs_p1']}  time {r['time_s']:.3f} s")
+    for r in report["single_device_sdpa"] + report["results"]:
+        print(f"{r['impl']:4s} P={r['ranks']} S={r['seq_len']:6d}  attention/rank {r['max_attention_mib']:9.2f} MiB  "
+              f"vs ring P=1 {r['mem_ratio_vs_p1']}  vs sdpa {r['mem_ratio_vs_sdpa']}  time {r['time_s']:.3f} s")
     print(json.dumps(fits))
 
 

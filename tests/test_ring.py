@@ -70,13 +70,27 @@ RING_CASES = [  # (name, layout kind, pattern, heads, kv heads, backend)
 ]
 
 
+SMALL_BLOCK_CASES = ("causal-zigzag-gqa", "full-contiguous-mha", "sinks-zigzag", "sinks-contiguous-math")
+
+
 def ring_worker(rank, world):
+    import longattn.parallel.local as local
+
     results = {}
     for i, (name, kind, pat, h, hkv, backend) in enumerate(RING_CASES):
         layout = ShardLayout(kind, world)
         seq = 8 * layout.chunks  # 8 positions per chunk: windows of 5 cross chunk borders, skip whole blocks
         results[name] = compare(ring_attention, rank, world, layout, PATTERNS[pat], i, seq, h, hkv,
                                 layout=layout, backend=backend)
+    # Kernel calls capped at 3 positions per side: runs cut into uneven pieces (3, 3, 2), diagonal pieces,
+    # skipped pieces above the diagonal, masks of pieces.
+    local.MAX_BLOCK, default = 3, local.MAX_BLOCK
+    for i, (name, kind, pat, h, hkv, backend) in enumerate(RING_CASES):
+        if name in SMALL_BLOCK_CASES:
+            layout = ShardLayout(kind, world)
+            results[f"{name}-blocks-of-3"] = compare(ring_attention, rank, world, layout, PATTERNS[pat], 20 + i,
+                                                     8 * layout.chunks, h, hkv, layout=layout, backend=backend)
+    local.MAX_BLOCK = default
     return results
 
 
@@ -99,6 +113,31 @@ def test_patterns_classify_like_brute_force():
                     assert (kind == EMPTY) == (not m.any()), (pattern, q0, qn, k0, kn, kind)
                     if kind == FULL:
                         assert m.all(), (pattern, q0, qn, k0, kn)
+
+
+@pytest.mark.parametrize("native_gqa", [True, False])
+def test_cpu_block_kernels_match_math(monkeypatch, native_gqa):
+    """torch's CPU flash-attention kernels on strided slices (as a ring step passes them, no copies), with GQA
+    heads unexpanded (this torch) or expanded (torch without GQA in those kernels), equal the plain-torch math
+    kernels: unmasked, diagonal-causal and masked blocks, including rows with no allowed key."""
+    import longattn.parallel.blocks as blocks
+
+    monkeypatch.setattr(blocks, "cpu_kernels_take_gqa", lambda: native_gqa)
+    q, k, v, dout = full_inputs(3, 32, heads=4, kv_heads=2)
+    late, early = slice(16, 32), slice(0, 16)
+    window = BlockPattern(window=5).block_mask((16, 16), (0, 16))  # rows 20.. see no key of this block
+    assert not window.any(-1).all()
+    for ks, mask, causal in ((early, None, False), (late, None, True), (early, window, False)):
+        args = (q[:, :, late], k[:, :, ks], v[:, :, ks])
+        assert not args[0].is_contiguous()
+        out, lse = blocks.block_forward(*args, mask, causal, 0.3, "sdpa")
+        ref_out, ref_lse = blocks.block_forward(*args, mask, causal, 0.3, "math")
+        assert (out - ref_out).abs().max() <= TOL and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        assert (lse - ref_lse)[torch.isfinite(lse)].abs().max() <= TOL
+        grads = blocks.block_backward(dout[:, :, late], *args, ref_out, ref_lse, mask, causal, 0.3, "sdpa")
+        ref_grads = blocks.block_backward(dout[:, :, late], *args, ref_out, ref_lse, mask, causal, 0.3, "math")
+        for g, r in zip(grads, ref_grads):
+            assert g.shape == r.shape and (g - r).abs().max() <= TOL
 
 
 def test_fully_masked_blocks_are_skipped(monkeypatch):

@@ -4,7 +4,9 @@ The backward takes the FINAL output and LSE of the whole (distributed) attention
 P = exp(S - lse_final) and delta = rowsum(dO * O_final), each block's dQ/dK/dV add up to the exact gradient
 (the flash-attention backward identity), so a ring only has to add block gradients.
 
-Kernels: on CPU, torch's flash-attention CPU kernels (forward with LSE, backward from a given LSE); with CUDA,
+Kernels: on CPU, torch's flash-attention CPU kernels (forward with LSE, backward from a given LSE), called on
+strided views (a ring step's query run is a slice of the local shard: no copy) with unexpanded GQA heads
+where this torch's kernels take them (no H/Hkv-fold copies of K/V or of their gradients); with CUDA,
 flash-attn's forward (it returns the LSE; half precision, unmasked or diagonal-causal blocks) or torch's
 memory-efficient SDPA, and a chunked recompute backward in plain torch (flash-attn has no public backward
 from a given LSE). "math" forces the plain-torch forward and backward everywhere (the CUDA backward path,
@@ -12,11 +14,15 @@ testable on CPU).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
 
 from ..kernels.dense import repeat_kv, sdpa_tensors
+
+_cpu_forward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_backward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 BLOCK_BACKENDS = ("auto", "sdpa", "flash", "math")
 MATH_CHUNK = 1024  # query rows per step of the math kernels: at most chunk x K scores at once
@@ -44,6 +50,8 @@ def block_forward(q, k, v, mask: torch.Tensor | None, is_causal: bool, scale: fl
         return out.transpose(1, 2), lse.float()
     if backend == "math":
         return _math_forward(q, k, v, mask, is_causal, scale)
+    if not q.is_cuda:
+        return _cpu_forward(q, k, v, mask, is_causal, scale)
     out, lse = sdpa_tensors(q, k, v, None if mask is None else mask.view(1, 1, *mask.shape), is_causal=is_causal,
                             scale=scale, return_lse=True)
     if mask is not None:  # rows with no allowed key: the kernels leave garbage there, the merge needs 0
@@ -58,17 +66,61 @@ def block_backward(dout, q, k, v, out, lse, mask: torch.Tensor | None, is_causal
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     if backend == "math" or q.is_cuda:
         return _math_backward(dout, q, k, v, out, lse, mask, is_causal, scale)
-    groups = q.shape[1] // k.shape[1]
-    bias = None
-    if mask is not None:
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.contiguous(), q.contiguous(), repeat_kv(k, groups).contiguous(), repeat_kv(v, groups).contiguous(),
-        out.contiguous(), lse.to(torch.float32).contiguous(), 0.0, is_causal, attn_mask=bias, scale=scale)
-    if groups > 1:  # query heads h * groups ... h * groups + groups - 1 share KV head h
-        dk = dk.unflatten(1, (k.shape[1], groups)).sum(2)
-        dv = dv.unflatten(1, (k.shape[1], groups)).sum(2)
+    k, v, groups = _cpu_kv(q, k, v)
+    dq, dk, dv = _cpu_backward_kernel(_rows(dout), _rows(q), k, v, _rows(out), _rows(lse.to(torch.float32)), 0.0,
+                                      is_causal, attn_mask=_bias(mask, q), scale=scale)
+    if groups > 1:  # expanded K/V (older torch): query heads h * groups ... h * groups + groups - 1 share KV head h
+        dk = dk.unflatten(1, (dk.shape[1] // groups, groups)).sum(2)
+        dv = dv.unflatten(1, (dv.shape[1] // groups, groups)).sum(2)
     return dq, dk, dv
+
+
+@functools.cache
+def cpu_kernels_take_gqa() -> bool:
+    """Whether this torch's CPU flash-attention forward and backward accept fewer KV heads than query heads
+    (and compute grouped-query attention: checked against expanded heads once)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, h, 8, 4, generator=g) for h in (4, 2, 2, 4))
+    kr, vr = repeat_kv(k, 2), repeat_kv(v, 2)
+    try:
+        out, lse = _cpu_forward_kernel(q, k, v, 0.0, True, scale=0.5)
+        dq, dk, dv = _cpu_backward_kernel(dout, q, k, v, out, lse, 0.0, True, scale=0.5)
+    except RuntimeError:
+        return False
+    ref_out, ref_lse = _cpu_forward_kernel(q, kr, vr, 0.0, True, scale=0.5)
+    ref = _cpu_backward_kernel(dout, q, kr, vr, ref_out, ref_lse, 0.0, True, scale=0.5)
+    ref_dk, ref_dv = (t.unflatten(1, (2, 2)).sum(2) for t in ref[1:])
+    return all(torch.allclose(a, b, atol=1e-5) for a, b in ((out, ref_out), (dq, ref[0]), (dk, ref_dk), (dv, ref_dv)))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The CPU kernels take any strides of the outer dimensions; only the innermost must be 1."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bias(mask, q):
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+
+
+def _cpu_kv(q, k, v):
+    """(k, v, groups still to sum): unexpanded when the kernels take GQA, else repeated to the query heads."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not cpu_kernels_take_gqa():
+        return repeat_kv(k, groups), repeat_kv(v, groups), groups
+    return _rows(k), _rows(v), 1
+
+
+def _cpu_forward(q, k, v, mask, is_causal, scale):
+    k, v, _ = _cpu_kv(q, k, v)
+    out, lse = _cpu_forward_kernel(_rows(q), k, v, 0.0, is_causal, attn_mask=_bias(mask, q), scale=scale)
+    lse = lse.float()
+    if mask is not None:  # a row with no allowed key: LSE -inf (the kernel reports 0) and output 0 for the merge
+        empty = ~mask.any(-1)
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse
 
 
 def _allowed_rows(mask, is_causal, start, stop, k_len, device):

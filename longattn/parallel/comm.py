@@ -94,16 +94,18 @@ class Ring:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
     def start(self, tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None):
-        """Begin sending `tensors` to the next rank and receiving same-shaped ones from the previous rank
-        (into the given buffers, so that a loop can alternate between two instead of allocating each step)."""
+        """Begin sending `tensors` to the next rank and receiving same-shaped ones from the previous rank, into
+        `into` or into new buffers. The pending exchange holds the sent tensors until `finish`, so a caller can
+        drop its own references as soon as the exchange has started."""
         if self.size == 1:
-            return tensors, []
+            return tensors, [], []
         recv = into if into is not None else [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self._next, self.group) for t in tensors]
+        sends = [t.contiguous() for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self._next, self.group) for t in sends]
         ops += [dist.P2POp(dist.irecv, r, self._prev, self.group) for r in recv]
-        return recv, dist.batch_isend_irecv(ops)
+        return recv, dist.batch_isend_irecv(ops), sends
 
     def finish(self, pending, what: str = "ring exchange") -> list[torch.Tensor]:
-        recv, works = pending
+        recv, works, _ = pending
         wait_all(works, self.timeout_s, what)
         return recv

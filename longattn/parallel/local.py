@@ -10,6 +10,8 @@ import torch
 from .blocks import block_backward, block_forward
 from .patterns import CAUSAL_DIAGONAL, EMPTY, PARTIAL, BlockPattern, Run
 
+MAX_BLOCK = 1024  # positions per side of one kernel call (see _pairs)
+
 
 def coalesce(runs: list[Run]) -> list[Run]:
     """Merge runs that follow each other both locally and in absolute position (one kernel call, not two)."""
@@ -22,9 +24,17 @@ def coalesce(runs: list[Run]) -> list[Run]:
     return out
 
 
+def split(runs: list[Run], size: int) -> list[Run]:
+    """Runs cut into pieces of at most `size` positions."""
+    return [(a, min(size, s + n - a)) for s, n in runs for a in range(s, s + n, size)]
+
+
 def _pairs(q_runs: list[Run], k_runs: list[Run], pattern: BlockPattern):
-    """(query slice, key slice, mask kind, q run, k run) of every block that is not fully masked."""
-    q_runs, k_runs = coalesce(q_runs), coalesce(k_runs)
+    """(query slice, key slice, mask kind, q run, k run) of every block that is not fully masked. Blocks span
+    at most MAX_BLOCK positions per side: a kernel call's temporaries (its output, its dQ/dK/dV, the CPU
+    backward's query-sized scratch) then stay bounded instead of growing with the shard, and pieces above
+    the causal diagonal are skipped like any other empty block."""
+    q_runs, k_runs = split(coalesce(q_runs), MAX_BLOCK), split(coalesce(k_runs), MAX_BLOCK)
     q_at = 0
     for qr in q_runs:
         k_at = 0
@@ -37,10 +47,11 @@ def _pairs(q_runs: list[Run], k_runs: list[Run], pattern: BlockPattern):
 
 
 def merge_block(out: torch.Tensor, lse: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
-    """out, lse (float32 views, updated in place) <- the exact softmax merge with one more block."""
+    """out, lse (float32 views, updated in place) <- the exact softmax merge with one more block. `out_blk` is
+    scratch (a kernel's fresh output): it is scaled in place instead of into another block-sized tensor."""
     new = torch.logaddexp(lse, lse_blk)
     ref = new.masked_fill(torch.isneginf(new), 0.0)  # rows with no key yet: keep both weights at 0, not NaN
-    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_blk.float() * torch.exp(lse_blk - ref).unsqueeze(-1))
+    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_blk.float().mul_(torch.exp(lse_blk - ref).unsqueeze(-1)))
     lse.copy_(new)
 
 
@@ -52,6 +63,7 @@ def attend_runs(q, k, v, q_runs, k_runs, pattern: BlockPattern, scale: float, ba
         mask = pattern.block_mask(qr, kr, q.device) if kind == PARTIAL else None
         o, l = block_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], mask, kind == CAUSAL_DIAGONAL, scale, backend)
         merge_block(out[:, :, qs], lse[:, :, qs], o, l)
+        del o, l, mask  # before the next block's kernel allocates its own
         done += 1
     return done
 
@@ -67,6 +79,7 @@ def attend_runs_backward(dout, q, k, v, out, lse, q_runs, k_runs, pattern: Block
         dq[:, :, qs] += g[0]
         dk[:, :, ks] += g[1]
         dv[:, :, ks] += g[2]
+        del g, mask  # before the next block's kernel allocates its own
         done += 1
     return done
 

@@ -8,6 +8,10 @@ attending to them, so the transfer overlaps the compute, and merges each block w
 Backward (explicit: P2P ops carry no autograd): K/V go around again; each rank adds its queries' dK/dV for the
 K/V it holds to an accumulator that travels with them, so after P hops every accumulator is back at its
 owner. Only the KV heads travel (GQA stays unexpanded).
+
+Memory per rank beyond the inputs: the float32 output and LSE, the float32 dQ, at most two K/V sets (the one in
+hand and the one arriving; one when P = 2) and two float32 dK/dV accumulators (the one leaving and the one
+arriving; the last one to arrive is this rank's dK/dV), plus one block's kernel temporaries at a time.
 """
 from __future__ import annotations
 
@@ -32,53 +36,55 @@ class RingPlan:
     backend: str = "auto"
 
 
-def _buffers(tensors, n: int, dtype=None):
-    """`n` sets of empty buffers shaped like `tensors`: the ring alternates between them (memory stays flat
-    in the number of steps instead of growing with every received block)."""
-    return [[torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device) for t in tensors] for _ in range(n)]
-
-
 def ring_forward(q, k, v, plan: RingPlan, ring: Ring):
     """(out in q's dtype, lse float32) of this rank's queries over the whole sequence."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    kv, mine = [k.contiguous(), v.contiguous()], plan.runs[ring.rank]  # contiguous once, not once per send
-    bufs = _buffers(kv, 2) if ring.size > 1 else None
+    kv, mine = [k, v], plan.runs[ring.rank]
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
-        # Receive the next block while attending to this one; bufs[step % 2] is never the block in use.
-        pending = ring.start(kv, into=bufs[step % 2]) if step < ring.size - 1 else None
+        # Receive the next block (into new buffers) while attending to this one; once both are done the block
+        # just used is dropped, so two K/V sets are alive at a time.
+        pending = ring.start(kv) if step < ring.size - 1 else None
         attend_runs(q, kv[0], kv[1], mine, plan.runs[src], plan.pattern, plan.scale, plan.backend, out, lse)
         if pending is not None:
             kv = ring.finish(pending, f"ring attention forward (step {step}, K/V)")
+            del pending
     return out.to(q.dtype), lse
 
 
 def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, ring: Ring):
-    """(dq, dk, dv) of this rank's q, k, v."""
+    """(dq, dk, dv) of this rank's q, k, v.
+
+    dK/dV accumulate directly in float32 buffers that travel around the ring: at each step the rank takes the
+    accumulator of the K/V it holds from the previous rank, adds its blocks' gradients and passes it on. That
+    needs no separate per-step dK/dV buffer; the price is that the dK/dV transfer is not hidden behind compute
+    (the K/V transfer still is). Buffers are allocated when an exchange starts and dropped when it ends, in an
+    order that keeps two K/V sets but ONE accumulator alive while the kernels run, and two accumulators only
+    during the dK/dV exchange, when the kernels' temporaries and the K/V block just used are gone."""
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv, mine, dkv_pending = [k.contiguous(), v.contiguous()], plan.runs[ring.rank], None
-    kv_bufs = _buffers(kv, 2) if ring.size > 1 else None
-    local = _buffers(kv, 1, torch.float32)[0]  # this step's dK/dV for the block in hand
-    # Travelling accumulators: one being sent, one being received (none on a single rank).
-    acc = _buffers(kv, 2, torch.float32) if ring.size > 1 else None
+    mine = plan.runs[ring.rank]
+    if ring.size == 1:
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))
+        attend_runs_backward(dout, q, k, v, out, lse, mine, mine, plan.pattern, plan.scale, plan.backend, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    kv, dkv_pending = [k, v], None
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
-        kv_pending = ring.start(kv, into=kv_bufs[step % 2]) if step < ring.size - 1 else None
-        for t in local:
-            t.zero_()
+        if dkv_pending is None:  # step 0: this rank starts the accumulator of its own K/V
+            dkv = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in kv]
+        else:  # the accumulator of rank `src`'s K/V from the previous rank; the one this rank sent is gone
+            dkv = ring.finish(dkv_pending, f"ring attention backward (step {step}, dK/dV)")
+            dkv_pending = None  # it holds the accumulator this rank sent
+        kv_pending = ring.start(kv) if step < ring.size - 1 else None
         attend_runs_backward(dout, q, kv[0], kv[1], out, lse, mine, plan.runs[src], plan.pattern, plan.scale,
-                             plan.backend, dq, local[0], local[1])
-        if ring.size == 1:
-            dkv = local
-        elif dkv_pending is None:
-            dkv = [a.copy_(g) for a, g in zip(acc[0], local)]
-        else:  # the accumulator for K/V of rank `src`, from the previous rank (its send buffer is free again)
-            dkv = [a.add_(g) for a, g in zip(ring.finish(dkv_pending, f"ring attention backward (step {step}, dK/dV)"),
-                                               local)]
-        dkv_pending = ring.start(dkv, into=acc[(step + 1) % 2] if acc else None)
+                             plan.backend, dq, dkv[0], dkv[1])
         if kv_pending is not None:
             kv = ring.finish(kv_pending, f"ring attention backward (step {step}, K/V)")
+            del kv_pending
+        dkv_pending = ring.start(dkv)
+        del dkv  # the send keeps it until the exchange finishes
+    del kv  # the K/V blocks are done with: free them before dK/dV come home
     dk, dv = ring.finish(dkv_pending, "ring attention backward (dK/dV back to their owner)")
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
