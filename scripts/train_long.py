@@ -2,7 +2,10 @@
 """Fine-tune a Hugging Face causal LM on long sequences with sequence parallelism (ring / Ulysses attention).
 
 World = sequence-parallel x data-parallel: consecutive ranks share one sequence (each holds a zigzag shard
-of it), the ranks with the same shard index form data-parallel replicas that see different sequences.
+of it), the ranks with the same shard index form data-parallel replicas that see different sequences. Within a
+sequence-parallel group, `--strategy ring` passes K/V around all its ranks, `ulysses` exchanges heads
+all-to-all, and `usp` does both: Ulysses over sub-groups of `--ulysses-size` consecutive ranks (heads and KV
+heads divisible by it), ring attention across the sub-groups.
 
     # N processes on CPU (gloo); on GPUs drop --config_file and use your usual accelerate config
     accelerate launch --config_file scripts/accelerate_cpu.yaml --num_processes 4 \\
@@ -17,6 +20,10 @@ Gradients: the loss is the mean over every token of the full sequence (sequence_
 backward yields its share of the gradient, so gradients are SUMMED over the SP group and AVERAGED over DP
 replicas (sync_gradients). accelerate launches the processes and sets up the process group; the model is not
 wrapped in DDP, whose average over all ranks would be wrong for sequence-parallel shards.
+
+`--grad-accum N` runs N micro-batches of `--batch-size` sequences per optimizer step: each micro-batch's loss
+is weighted by its share of the step's tokens before its backward, so the step's gradient (and the logged
+loss) is that of one batch of N x batch-size sequences; gradients are synchronized once per step.
 
 The data of step N depends only on (seed, N), and checkpoints hold the trainable weights, the optimizer and
 the scheduler: a resumed run continues exactly where the interrupted one stopped (loss log included). The
@@ -40,7 +47,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import longattn
-from longattn.parallel import SequenceParallel, ShardLayout, sequence_parallel_loss, sync_gradients
+from longattn.parallel import (IGNORE_INDEX, SequenceParallel, ShardLayout, parallel_groups, sequence_parallel_loss,
+                               sync_gradients)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -53,13 +61,18 @@ def parse_args(argv=None):
                         "datasets name")
     p.add_argument("--text-field", default="text", help="column holding the text (jsonl / parquet / datasets)")
     p.add_argument("--sequence-parallel", type=int, default=1, help="ranks sharing one sequence (divides world)")
-    p.add_argument("--strategy", default="ring", choices=["ring", "ulysses"])
+    p.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "usp"],
+                   help="ring, ulysses (all-to-all over heads) or usp (Ulysses x ring)")
+    p.add_argument("--ulysses-size", type=int, default=2,
+                   help="usp: ranks per Ulysses sub-group (divides --sequence-parallel; heads divisible by it)")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     p.add_argument("--method", default="dense", choices=["dense", "sliding_window", "sink_window"])
     p.add_argument("--window", type=int, default=1024, help="window of sliding_window / sink_window")
     p.add_argument("--sink-tokens", type=int, default=4, help="sinks of sink_window")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (divisible by 2 x SP for zigzag)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per data-parallel replica per step")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="sequences per data-parallel replica per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (the schedule still runs to "
                    "--steps): an interrupted run, to be resumed")
@@ -74,8 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for a peer before failing")
     args = p.parse_args(argv)
-    if args.sequence_parallel < 1 or args.steps < 1 or args.batch_size < 1 or args.save_every < 1:
-        p.error("--sequence-parallel, --steps, --batch-size and --save-every must be >= 1")
+    if min(args.sequence_parallel, args.steps, args.batch_size, args.save_every, args.grad_accum) < 1:
+        p.error("--sequence-parallel, --steps, --batch-size, --grad-accum and --save-every must be >= 1")
+    if args.strategy == "usp" and (args.ulysses_size < 1 or args.sequence_parallel % args.ulysses_size):
+        p.error(f"--ulysses-size {args.ulysses_size} must divide --sequence-parallel {args.sequence_parallel}")
     return args
 
 
@@ -103,29 +118,19 @@ def load_tokens(args, tokenizer, out_dir: Path, accelerator) -> np.ndarray:
     return tokens
 
 
-def step_batch(tokens: np.ndarray, step: int, args, dp: int, dp_rank: int):
-    """(input_ids, labels) [batch, seq_len] of this replica at `step`: a function of (seed, step) only.
-    Labels are the next tokens of the full window, i.e. shifted globally before any sharding."""
+def step_batch(tokens: np.ndarray, step: int, args, dp: int, dp_rank: int, micro: int = 0):
+    """(input_ids, labels) [batch, seq_len] of this replica's micro-batch `micro` at `step`: a function of
+    (seed, step) only. A step draws dp x grad_accum x batch windows; replica r takes the r-th run of
+    grad_accum x batch of them, micro-batch m the m-th batch of that run (so grad_accum N with batch B sees the
+    same sequences as batch N x B without accumulation). Labels are the next tokens of the full window, i.e.
+    shifted globally before any sharding."""
     rng = np.random.default_rng([args.seed, step])
-    starts = rng.integers(0, len(tokens) - args.seq_len - 1, size=dp * args.batch_size)
-    mine = starts[dp_rank * args.batch_size:(dp_rank + 1) * args.batch_size]
+    per_replica = args.grad_accum * args.batch_size
+    starts = rng.integers(0, len(tokens) - args.seq_len - 1, size=dp * per_replica)
+    first = dp_rank * per_replica + micro * args.batch_size
+    mine = starts[first:first + args.batch_size]
     win = torch.from_numpy(np.stack([tokens[s:s + args.seq_len + 1] for s in mine]).astype(np.int64))
     return win[:, :-1], win[:, 1:]
-
-
-def make_groups(world: int, sp: int):
-    """(sp_group, dp_group) of this rank: SP groups of consecutive ranks, DP groups across them."""
-    rank = dist.get_rank()
-    sp_group = dp_group = None
-    for d in range(world // sp):  # every rank must take part in creating every group
-        g = dist.new_group(list(range(d * sp, (d + 1) * sp)))
-        if rank // sp == d:
-            sp_group = g
-    for s in range(sp):
-        g = dist.new_group(list(range(s, world, sp)))
-        if rank % sp == s:
-            dp_group = g
-    return sp_group, dp_group
 
 
 def build_model(args, sp_config):
@@ -209,9 +214,9 @@ def main(argv=None):
         raise SystemExit(f"world size {world} is not divisible by --sequence-parallel {sp} (world = SP x DP); "
                          f"launch a multiple of {sp} processes")
     dp = world // sp
-    sp_group = dp_group = None
+    sp_group = dp_group = usp = None
     if world > 1:
-        sp_group, dp_group = make_groups(world, sp)
+        sp_group, dp_group, usp = parallel_groups(sp, args.ulysses_size if args.strategy == "usp" else None)
     sp_rank, dp_rank = rank % sp, rank // sp
     layout = ShardLayout(args.layout, sp)
     layout.check_length(args.seq_len)
@@ -224,7 +229,7 @@ def main(argv=None):
     sp_config = None
     if sp > 1:
         sp_config = SequenceParallel(group=sp_group, size=sp, strategy=args.strategy, layout=args.layout,
-                                     timeout_s=args.timeout)
+                                     ulysses_size=args.ulysses_size, usp_groups=usp, timeout_s=args.timeout)
     model, tokenizer = build_model(args, sp_config)
     model.to(accelerator.device)
     tokens = load_tokens(args, tokenizer, out_dir, accelerator)
@@ -243,7 +248,9 @@ def main(argv=None):
             kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
         log_path.write_text("".join(ln + "\n" for ln in kept))
         n_train = sum(p.numel() for p in trainable)
-        accelerator.print(f"world {world} = SP {sp} x DP {dp}; {n_train:,} trainable parameters; "
+        accelerator.print(f"world {world} = SP {sp} ({args.strategy if sp > 1 else 'off'}) x DP {dp}; "
+                          f"{args.grad_accum} x {args.batch_size} sequences per replica per step; "
+                          f"{n_train:,} trainable parameters; "
                           f"{'resuming after step ' + str(start) if start else 'starting'}; log {log_path}")
     stop = min(args.steps, args.stop_at or args.steps)
     pos = layout.positions(sp_rank, args.seq_len, device=accelerator.device).expand(args.batch_size, -1)
@@ -252,14 +259,23 @@ def main(argv=None):
                desc="train_long")
     for step in bar:
         t0 = time.perf_counter()
-        ids, labels = (t.to(accelerator.device) for t in step_batch(tokens, step, args, dp, dp_rank))
-        if sp > 1:
-            logits = model(input_ids=layout.shard(ids, sp_rank), position_ids=pos, use_cache=False).logits
-            loss = sequence_parallel_loss(logits, layout.shard(labels, sp_rank), group=sp_group)
-        else:
-            logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        loss.backward()
+        batches = [step_batch(tokens, step, args, dp, dp_rank, m) for m in range(args.grad_accum)]
+        # Each micro-batch's mean loss weighs by its share of the step's predicted tokens: the sum of the
+        # weighted losses (and of their gradients) is the mean over the whole step's batch.
+        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels in batches]
+        value = torch.zeros((), device=accelerator.device)
+        for (ids, labels), count in zip(batches, counts):
+            ids, labels = ids.to(accelerator.device), labels.to(accelerator.device)
+            if sp > 1:
+                logits = model(input_ids=layout.shard(ids, sp_rank), position_ids=pos, use_cache=False).logits
+                loss = sequence_parallel_loss(logits, layout.shard(labels, sp_rank), group=sp_group)
+            else:
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            loss = loss * (count / max(1, sum(counts)))
+            loss.backward()
+            value += loss.detach()
+            del logits, loss
         if world > 1:
             sync_gradients(trainable, sp_group=sp_group if sp > 1 else False, dp_group=dp_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
@@ -267,14 +283,14 @@ def main(argv=None):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        value = loss.detach()
         if dp > 1:  # the logged loss is the mean over replicas (every SP rank already holds its group's value)
             dist.all_reduce(value, group=dp_group)
             value /= dp
         done = step + 1
         if accelerator.is_main_process:
             rec = {"step": done, "loss": value.item(), "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": done * dp * args.batch_size * args.seq_len, "seconds": time.perf_counter() - t0}
+                   "tokens": done * dp * args.grad_accum * args.batch_size * args.seq_len,
+                   "seconds": time.perf_counter() - t0}
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.4f}")

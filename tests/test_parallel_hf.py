@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import longattn
-from longattn.parallel import SequenceParallel, ShardLayout, sequence_parallel_loss, shift_labels, sync_gradients
+from longattn.parallel import (SequenceParallel, ShardLayout, parallel_groups, sequence_parallel_loss, shift_labels,
+                               sync_gradients)
 from longattn.parallel.launch import run_distributed
 from conftest import make_model
 
@@ -57,7 +58,27 @@ def hf_worker(rank, world, cases):
                        for p, r in zip(model.parameters(), ref_model.parameters()))
         results[name] = dict(loss=abs(loss.item() - ref_loss.item()), grad=grad_err,
                              logits=(layout.unshard(logits.detach()) - ref_logits).abs().max().item())
-    return results, (errors_worker(rank, world) if world == 2 else None)
+    return results, (errors_worker(rank, world) if world == 2 else groups_worker(rank, world))
+
+
+def groups_worker(rank, world):
+    """parallel_groups on 4 ranks = SP 2 x DP 2 with Ulysses pairs: which ranks each group holds (an
+    all-gather of global ranks over it), and a usp SequenceParallel that rejects sub-groups of the wrong size."""
+    import torch.distributed as dist
+
+    sp_group, dp_group, (u_group, r_group) = parallel_groups(2, ulysses_size=2)
+    members = {}
+    for name, g in (("sp", sp_group), ("dp", dp_group), ("ulysses", u_group), ("ring", r_group)):
+        got = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size(g))]
+        dist.all_gather(got, torch.tensor(rank), group=g)
+        members[name] = [int(t) for t in got]
+    try:
+        longattn.patch(make_model("llama"), "dense", sequence_parallel=SequenceParallel(
+            group=sp_group, strategy="usp", ulysses_size=1, usp_groups=(u_group, r_group)))
+        members["error"] = None
+    except ValueError as e:
+        members["error"] = str(e)
+    return members
 
 
 def errors_worker(rank, world):
@@ -99,6 +120,12 @@ def test_hf_model_under_sequence_parallel_matches_single_process(world):
             assert err["loss"] <= LOSS_TOL and err["grad"] <= GRAD_TOL and err["logits"] <= 1e-4, (rank, name, err)
     if world == 2:
         check_error_messages(per_rank[0][1])
+    else:
+        for rank, (_, members) in enumerate(per_rank):
+            pair = [rank - rank % 2, rank - rank % 2 + 1]
+            assert members["sp"] == members["ulysses"] == pair and members["ring"] == [rank], members
+            assert members["dp"] == [rank % 2, rank % 2 + 2], members
+            assert "Ulysses group of 2 x ring group of 1 ranks, but ulysses_size is 1" in members["error"]
 
 
 def check_error_messages(msgs):

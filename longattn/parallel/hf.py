@@ -39,6 +39,11 @@ class SequenceParallel:
         across them).
     ulysses_size : int
         Ranks per Ulysses sub-group with strategy "usp" (heads and KV heads divisible by it).
+    usp_groups : tuple or None
+        Strategy "usp": this rank's (Ulysses group, ring group), from `longattn.parallel.usp_groups`. None: patch()
+        creates them, which every rank of the world must then call at the same time (new_group is collective);
+        when several sequence-parallel groups share the world, create every group's sub-groups on every rank
+        and pass this rank's here.
     layout : str
         "zigzag" (balanced causal work) or "contiguous": how the caller sharded the sequence.
     backend : str
@@ -55,7 +60,7 @@ class SequenceParallel:
     backend: str = "auto"
     timeout_s: float = DEFAULT_TIMEOUT_S
     pattern: BlockPattern = CAUSAL  # set by patch() from the method
-    _usp_groups: tuple | None = None
+    usp_groups: tuple | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -107,11 +112,15 @@ def sequence_parallel_for(value, method, all_layers: bool) -> SequenceParallel:
     else:
         raise NotImplementedError(f"sequence_parallel runs the methods {list(SP_METHODS)}; {name!r} has no "
                                   f"distributed kernel")
-    check_group_size(sp.group, sp.size)
-    if sp.strategy == "usp" and sp._usp_groups is None:
-        world = dist.get_world_size(sp.group)
+    world = check_group_size(sp.group, sp.size)
+    if sp.strategy == "usp" and sp.usp_groups is None:
         ranks = [dist.get_global_rank(sp.group, i) if sp.group is not None else i for i in range(world)]
-        sp = replace(sp, _usp_groups=usp_groups(ranks, sp.ulysses_size))
+        sp = replace(sp, usp_groups=usp_groups(ranks, sp.ulysses_size))
+    if sp.strategy == "usp":
+        u, r = (dist.get_world_size(g) for g in sp.usp_groups)
+        if u != sp.ulysses_size or u * r != world:
+            raise ValueError(f"sequence_parallel usp_groups: Ulysses group of {u} x ring group of {r} ranks, but "
+                             f"ulysses_size is {sp.ulysses_size} and the sequence-parallel group has {world} ranks")
     return replace(sp, pattern=pattern)
 
 
@@ -151,7 +160,7 @@ def sequence_parallel_attention(sp: SequenceParallel, query, key, value, attenti
         return ring_attention(query, key, value, sp.group, **kw)
     if sp.strategy == "ulysses":
         return ulysses_attention(query, key, value, sp.group, **kw)
-    u_group, r_group = sp._usp_groups
+    u_group, r_group = sp.usp_groups
     return usp_attention(query, key, value, u_group, r_group, **kw)
 
 
@@ -201,3 +210,28 @@ def sync_gradients(parameters, sp_group=None, dp_group=None) -> None:
     for g in grads:
         g.copy_(flat[at:at + g.numel()].view_as(g))
         at += g.numel()
+
+
+def parallel_groups(sp_size: int, ulysses_size: int | None = None):
+    """(sp_group, dp_group, usp_groups) of this rank for world = sequence-parallel x data-parallel: SP groups
+    of `sp_size` consecutive ranks, DP groups of the ranks with the same SP index, and with `ulysses_size`
+    the (Ulysses, ring) sub-groups of this rank's SP group (`usp_groups`; else None). Every rank must call it
+    at the same time: it creates every group of the world on every rank (new_group is collective)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % sp_size:
+        raise ValueError(f"world size {world} is not divisible by the sequence-parallel size {sp_size}")
+    sp_group = dp_group = usp = None
+    for d in range(world // sp_size):
+        g = dist.new_group(list(range(d * sp_size, (d + 1) * sp_size)))
+        if rank // sp_size == d:
+            sp_group = g
+    for s in range(sp_size):
+        g = dist.new_group(list(range(s, world, sp_size)))
+        if rank % sp_size == s:
+            dp_group = g
+    if ulysses_size is not None:
+        for d in range(world // sp_size):
+            groups = usp_groups(list(range(d * sp_size, (d + 1) * sp_size)), ulysses_size)
+            if rank // sp_size == d:
+                usp = groups
+    return sp_group, dp_group, usp
