@@ -143,11 +143,14 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
               softcap=None, **kwargs):
     sp = getattr(module, _SP_ATTR, None)
     if sp is not None:  # the sequence is sharded over ranks: ring / Ulysses attention (longattn.parallel)
-        from .parallel.hf import sequence_parallel_attention
+        from .parallel.hf import sequence_parallel_attention, sequence_parallel_pairs
 
         out = sequence_parallel_attention(
             sp, query, key, value, attention_mask, scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
             softcap=softcap, dropout=dropout, sliding_window=sliding_window, position_ids=kwargs.get("position_ids"))
+        meter = getattr(module, _METER_ATTR, None)
+        if meter is not None:  # pairs of the FULL sequence (the same on every rank), not of this rank's shard
+            meter.add("prefill", *sequence_parallel_pairs(sp, query.shape[2], sliding_window))
         return out.transpose(1, 2).contiguous(), None
     method: AttentionMethod | None = getattr(module, _LAYER_ATTR, None)
     meter: DensityMeter | None = getattr(module, _METER_ATTR, None)

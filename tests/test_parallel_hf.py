@@ -28,6 +28,15 @@ CASES = [  # (name, arch, config overrides, method, method params, strategy, lay
 USP_CASE = ("llama-gqa-sinks-usp", "llama", {}, "sink_window", {"sink_tokens": 2, "window": 20}, "usp", "zigzag")
 
 
+def explicit_density(seq: int, window: int | None) -> float:
+    """Allowed / causal query-key pairs of causal attention (within `window` keys) from an explicit mask."""
+    pos = torch.arange(seq)
+    allowed = pos.view(1, -1) <= pos.view(-1, 1)
+    if window is not None:
+        allowed &= pos.view(-1, 1) - pos.view(1, -1) < window
+    return allowed.sum().item() / (seq * (seq + 1) / 2)
+
+
 def full_loss(model, ids, labels):
     logits = model(input_ids=ids, use_cache=False).logits
     return logits, F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -56,8 +65,16 @@ def hf_worker(rank, world, cases):
         sync_gradients(model.parameters())
         grad_err = max(((p.grad - r.grad).abs().max() / r.grad.abs().max().clamp_min(1e-12)).item()
                        for p, r in zip(model.parameters(), ref_model.parameters()))
+        # Density meter: over the full sequence on every rank, equal to the single-process patched model's
+        # (window methods) or to the explicit mask's (dense: causal, or the model's own sliding window).
+        density = model._longattn.meter.density("prefill")
+        if method != "dense":
+            ref_density = ref_model._longattn.meter.density("prefill")
+        else:
+            ref_density = explicit_density(seq, getattr(ref_model.config, "sliding_window", None))
         results[name] = dict(loss=abs(loss.item() - ref_loss.item()), grad=grad_err,
-                             logits=(layout.unshard(logits.detach()) - ref_logits).abs().max().item())
+                             logits=(layout.unshard(logits.detach()) - ref_logits).abs().max().item(),
+                             density=density, ref_density=ref_density)
     return results, (errors_worker(rank, world) if world == 2 else groups_worker(rank, world))
 
 
@@ -118,6 +135,9 @@ def test_hf_model_under_sequence_parallel_matches_single_process(world):
         assert len(results) == len(cases)
         for name, err in results.items():
             assert err["loss"] <= LOSS_TOL and err["grad"] <= GRAD_TOL and err["logits"] <= 1e-4, (rank, name, err)
+            assert err["density"] is not None and abs(err["density"] - err["ref_density"]) <= 1e-12, (rank, name, err)
+    windowed = [r for r in per_rank[0][0].values() if r["ref_density"] < 1]
+    assert windowed, "no case with a density below 1: the comparison would not show a wrong count"
     if world == 2:
         check_error_messages(per_rank[0][1])
     else:

@@ -102,17 +102,19 @@ def test_ring_matches_dense(world):
             assert max(errs) <= TOL, f"rank {rank} {name}: max abs err (out, dq, dk, dv) = {errs}"
 
 
-def test_patterns_classify_like_brute_force():
-    """EMPTY / FULL from run bounds must agree with the explicit mask over every pair of runs."""
-    for pattern in PATTERNS.values():
+def test_patterns_classify_and_count_like_brute_force():
+    """EMPTY / FULL and the allowed-pair count from run bounds must agree with the explicit mask over every
+    pair of runs."""
+    for pattern in [*PATTERNS.values(), BlockPattern(window=1), BlockPattern(window=3, sink_tokens=8)]:
         for q0 in range(0, 20, 3):
             for k0 in range(0, 20, 2):
-                for qn, kn in ((4, 4), (1, 7), (6, 2)):
+                for qn, kn in ((4, 4), (1, 7), (6, 2), (9, 12)):
                     m = pattern.block_mask((q0, qn), (k0, kn))
                     kind = pattern.classify((q0, qn), (k0, kn))
                     assert (kind == EMPTY) == (not m.any()), (pattern, q0, qn, k0, kn, kind)
                     if kind == FULL:
                         assert m.all(), (pattern, q0, qn, k0, kn)
+                    assert pattern.pair_count((q0, qn), (k0, kn)) == int(m.sum()), (pattern, q0, qn, k0, kn)
 
 
 @pytest.mark.parametrize("native_gqa", [True, False])

@@ -6,6 +6,7 @@ attention with the method's pattern. Embeddings, norms and MLPs are per-token, s
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -134,6 +135,28 @@ def _check_positions(sp: SequenceParallel, position_ids, local_len: int) -> None
                          f".positions(rank, seq_len) with the input_ids shard")
 
 
+def layer_pattern(sp: SequenceParallel, sliding_window=None) -> BlockPattern:
+    """The pattern a layer runs: the method's, intersected with the model's own window (Mistral, Qwen2, ...)."""
+    pattern = sp.pattern
+    if sliding_window:
+        window = sliding_window if pattern.window is None else min(pattern.window, sliding_window)
+        pattern = BlockPattern(window=window, sink_tokens=pattern.sink_tokens)
+    return pattern
+
+
+def sequence_parallel_pairs(sp: SequenceParallel, local_len: int, sliding_window=None) -> tuple[int, int]:
+    """(attended, causal) query-key pairs per sequence of one layer's attention over the FULL sharded sequence
+    (local_len x group size positions), the same on every rank: the density meter's numerator and
+    denominator. The ranks' (query run, key run) blocks tile the whole square, so their allowed pairs add up
+    to the pattern's pairs over the full sequence; fully masked blocks, which the ring skips, add none."""
+    return _full_sequence_pairs(layer_pattern(sp, sliding_window), local_len * sp.world)
+
+
+@functools.lru_cache(maxsize=64)
+def _full_sequence_pairs(pattern: BlockPattern, seq_len: int) -> tuple[int, int]:
+    return pattern.pair_count((0, seq_len), (0, seq_len)), seq_len * (seq_len + 1) // 2
+
+
 def sequence_parallel_attention(sp: SequenceParallel, query, key, value, attention_mask=None, *, scale: float,
                                 softcap=None, dropout: float = 0.0, sliding_window=None, position_ids=None):
     """One patched layer's attention on this rank's shard: [B, Hq, S/P, D] -> [B, Hq, S/P, D]."""
@@ -151,10 +174,7 @@ def sequence_parallel_attention(sp: SequenceParallel, query, key, value, attenti
         raise NotImplementedError("sequence_parallel does not support padding masks: pack sequences without "
                                   "padding (or pad at the end with labels -100: longattn.parallel.pad_for_sharding)")
     _check_positions(sp, position_ids, query.shape[2])
-    pattern = sp.pattern
-    if sliding_window:  # the model's own window (Mistral, Qwen2, ...) intersected with the method's
-        window = sliding_window if pattern.window is None else min(pattern.window, sliding_window)
-        pattern = BlockPattern(window=window, sink_tokens=pattern.sink_tokens)
+    pattern = layer_pattern(sp, sliding_window)
     kw = dict(layout=sp.shard_layout(), pattern=pattern, scale=scale, backend=sp.backend, timeout_s=sp.timeout_s)
     if sp.strategy == "ring":
         return ring_attention(query, key, value, sp.group, **kw)

@@ -65,6 +65,20 @@ class BlockPattern:
         all_sinks = k1 < self.sink_tokens and k1 <= q0
         return FULL if in_window_full or all_sinks else PARTIAL
 
+    def pair_count(self, q_run: Run, k_run: Run) -> int:
+        """Allowed (query, key) pairs of a block, from the run bounds in O(query run) arithmetic (no mask):
+        the numerator of attention density under sequence parallelism."""
+        (q0, qn), (k0, kn) = q_run, k_run
+        if not self.causal:
+            return qn * kn
+        q = torch.arange(q0, q0 + qn, dtype=torch.long)
+        hi = q.clamp(max=k0 + kn - 1)  # last allowed key: causal, and inside the key run
+        if self.window is None:
+            return int((hi - k0 + 1).clamp_min(0).sum())
+        lo = (q - self.window + 1).clamp(min=k0)  # first key inside the window
+        sink_hi = torch.minimum(hi, lo - 1).clamp(max=self.sink_tokens - 1)  # sinks left of the window
+        return int((hi - lo + 1).clamp_min(0).sum() + (sink_hi - k0 + 1).clamp_min(0).sum())
+
     def block_mask(self, q_run: Run, k_run: Run, device="cpu") -> torch.Tensor:
         """[q_len, k_len] bool mask of a PARTIAL block (True = attend)."""
         q = torch.arange(q_run[0], q_run[0] + q_run[1], device=device)
