@@ -196,38 +196,41 @@ def test_gathered_never_builds_a_full_score_matrix():
     assert sink_index.shape == (32, 4 + 128 + 64 - 1)
 
 
-def assert_same_gradients(method, reference, q, k, v, mask):
-    grads = []
-    for m in (method, reference):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        m.attend(*leaves, mask, AttendCall(scale=0.25)).sum().backward()
-        grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("method", [SlidingWindow(window=100), SinkWindow(sink_tokens=4, window=100),
-                                    Dilated(window=40, dilation=3)], ids=repr)
-@pytest.mark.parametrize("q_len, kv_len, batch", [(700, 700, 2), (300, 1000, 1), (517, 517, 1)])
-def test_strided_window_fast_path_equals_reference(method, q_len, kv_len, batch, monkeypatch):
-    """Unpadded windows take the zero-copy strided path (checked), and it equals the explicit computation."""
+def assert_strided_path_equals_reference(method, q, k, v, mask, monkeypatch):
+    """`method` takes the zero-copy strided path (checked) and equals its math reference with the explicit
+    mask; gradients too, except with sinks (they need inference mode on that path)."""
     from longattn.kernels import gathered
 
     calls = []
     real = gathered.strided_window_attention
     monkeypatch.setattr(gathered, "strided_window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    g = torch.Generator().manual_seed(4)
-    q = torch.randn(batch, 4, q_len, 16, generator=g)
-    k, v = (torch.randn(batch, 2, kv_len, 16, generator=g) for _ in range(2))
-    mask = AttentionMask.causal(q_len, kv_len, batch_size=batch)
     reference = type(method)(**{**method.params(), "backend": "math"})
     with torch.no_grad():
         got = method.attend(q, k, v, mask, AttendCall(scale=0.25))
         ref = reference.attend(q, k, v, mask, AttendCall(scale=0.25))
     assert calls, "the strided fast path was not taken"
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
-    if not isinstance(method, SinkWindow):  # training through the strided path (sinks need inference mode)
-        assert_same_gradients(method, reference, q, k, v, mask)
+    if isinstance(method, SinkWindow):
+        return
+    grads = []
+    for m in (method, reference):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        m.attend(*leaves, mask, AttendCall(scale=0.25)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got_grad, ref_grad in zip(*grads):
+        torch.testing.assert_close(got_grad, ref_grad, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [SlidingWindow(window=100), SinkWindow(sink_tokens=4, window=100),
+                                    Dilated(window=40, dilation=3)], ids=repr)
+@pytest.mark.parametrize("q_len, kv_len, batch", [(700, 700, 2), (300, 1000, 1), (517, 517, 1)])
+def test_strided_window_fast_path_equals_reference(method, q_len, kv_len, batch, monkeypatch):
+    """Unpadded windows take the zero-copy strided path, and it equals the explicit computation."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(batch, 4, q_len, 16, generator=g)
+    k, v = (torch.randn(batch, 2, kv_len, 16, generator=g) for _ in range(2))
+    mask = AttentionMask.causal(q_len, kv_len, batch_size=batch)
+    assert_strided_path_equals_reference(method, q, k, v, mask, monkeypatch)
 
 
 @pytest.mark.parametrize("method", [SlidingWindow(window=100), SinkWindow(sink_tokens=4, window=100),
@@ -236,12 +239,7 @@ def test_strided_window_fast_path_equals_reference(method, q_len, kv_len, batch,
 def test_strided_window_fast_path_with_padding_equals_reference(method, q_len, kv_len, monkeypatch):
     """Key padding (left pads longer than the window, a few, none, and pads inside and at the end of a row)
     stays on the strided path: tiles holding a pad get masks of their own; sinks are each row's first real
-    tokens. Equal to the explicit computation, gradients too where the path trains."""
-    from longattn.kernels import gathered
-
-    calls = []
-    real = gathered.strided_window_attention
-    monkeypatch.setattr(gathered, "strided_window_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tokens."""
     g = torch.Generator().manual_seed(5)
     batch = 4
     q = torch.randn(batch, 4, q_len, 16, generator=g)
@@ -252,14 +250,7 @@ def test_strided_window_fast_path_with_padding_equals_reference(method, q_len, k
     padding[3, 500:520] = False  # pads inside the row and at its end (a right-padded training batch)
     padding[3, -60:] = False
     mask = AttentionMask.causal(q_len, kv_len, batch_size=batch, padding=padding)
-    reference = type(method)(**{**method.params(), "backend": "math"})
-    with torch.no_grad():
-        got = method.attend(q, k, v, mask, AttendCall(scale=0.25))
-        ref = reference.attend(q, k, v, mask, AttendCall(scale=0.25))
-    assert calls, "the strided fast path was not taken"
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
-    if not isinstance(method, SinkWindow):
-        assert_same_gradients(method, reference, q, k, v, mask)
+    assert_strided_path_equals_reference(method, q, k, v, mask, monkeypatch)
 
 
 @pytest.mark.parametrize("method", [SlidingWindow(window=5, backend="sdpa"),
