@@ -138,8 +138,6 @@ def ring_attention(q, k, v, group=None, *, layout: str | ShardLayout = "zigzag",
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    layout = ShardLayout(layout, world) if isinstance(layout, str) else layout
-    if layout.world != world:
-        raise ValueError(f"ring_attention: layout is for {layout.world} ranks but the group has {world}")
+    layout = ShardLayout.resolve(layout, world, "ring_attention")
     return ring_attention_runs(q, k, v, layout.all_runs(q.shape[2] * world), group, pattern=pattern, scale=scale,
                                backend=backend, timeout_s=timeout_s)

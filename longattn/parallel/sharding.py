@@ -37,6 +37,14 @@ class ShardLayout:
         if not isinstance(self.world, int) or self.world < 1:
             raise ValueError(f"layout world size must be an integer >= 1, got {self.world!r}")
 
+    @classmethod
+    def resolve(cls, layout: "ShardLayout | str", world: int, who: str, groups: str = "the group has") -> "ShardLayout":
+        """`layout` (a ShardLayout or a kind name) for `world` ranks; a clear error naming `who` on a mismatch."""
+        layout = cls(layout, world) if isinstance(layout, str) else layout
+        if layout.world != world:
+            raise ValueError(f"{who}: layout is for {layout.world} ranks but {groups} {world}")
+        return layout
+
     @property
     def chunks(self) -> int:
         return 2 * self.world if self.kind == "zigzag" else self.world

@@ -82,9 +82,7 @@ def ulysses_attention(q, k, v, group=None, *, layout: str | ShardLayout = "zigza
     """Exact attention of this rank's shard over the full sequence via all-to-all over heads. Differentiable."""
     require_distributed("ulysses_attention")
     world = dist.get_world_size(group)
-    layout = ShardLayout(layout, world) if isinstance(layout, str) else layout
-    if layout.world != world:
-        raise ValueError(f"ulysses_attention: layout is for {layout.world} ranks but the group has {world}")
+    layout = ShardLayout.resolve(layout, world, "ulysses_attention")
     return ulysses_attention_runs(q, k, v, layout.all_runs(q.shape[2] * world), group, pattern=pattern, scale=scale,
                                   backend=backend, timeout_s=timeout_s)
 
@@ -121,9 +119,7 @@ def usp_attention(q, k, v, ulysses_group, ring_group, *, layout: str | ShardLayo
     u, r = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
     check_heads(q, k, u, "usp_attention")
     world = u * r
-    layout = ShardLayout(layout, world) if isinstance(layout, str) else layout
-    if layout.world != world:
-        raise ValueError(f"usp_attention: layout is for {layout.world} ranks but Ulysses x ring is {u} x {r}")
+    layout = ShardLayout.resolve(layout, world, "usp_attention", groups=f"Ulysses x ring ({u} x {r}) is")
     sp_runs = layout.all_runs(q.shape[2] * world)
     # Ring member j holds, after its Ulysses exchange, the shards of SP ranks j*U ... j*U + U - 1 in that order.
     ring_runs = [[run for i in range(j * u, (j + 1) * u) for run in sp_runs[i]] for j in range(r)]
