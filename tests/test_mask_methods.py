@@ -254,6 +254,54 @@ def test_strided_window_fast_path_with_padding_equals_reference(method, q_len, k
     assert_strided_path_equals_reference(method, q, k, v, mask, monkeypatch)
 
 
+@pytest.mark.parametrize("method", [SlidingWindow(window=100), SinkWindow(sink_tokens=4, window=100),
+                                    Dilated(window=40, dilation=3), SlidingWindow(window=17)], ids=repr)
+@pytest.mark.parametrize("q_len, kv_len, batch, padded", [(700, 700, 2, False), (300, 1000, 1, False),
+                                                          (350, 400, 2, False), (517, 517, 1, False),
+                                                          (700, 700, 3, True)])
+def test_causal_halves_path_equals_reference(method, q_len, kv_len, batch, padded, monkeypatch):
+    """In inference, long windows run as two causal halves per block (sinks leading the reversed previous
+    half); it equals the explicit mask computation, including queries whose key offset is shorter than a
+    block (350 / 400), a block straddling the sinks, chunking, GQA and padded rows next to unpadded ones."""
+    from longattn.kernels import causal_halves
+
+    monkeypatch.setattr(causal_halves, "HALVES_MIN_SPAN", 8)  # the real threshold is 512 keys
+    monkeypatch.setattr(causal_halves, "CHUNK_BLOCKS", 2)
+    calls = []
+    real = causal_halves.causal_halves_window
+    monkeypatch.setattr(causal_halves, "causal_halves_window", lambda *a, **k: calls.append(k) or real(*a, **k))
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(batch, 4, q_len, 16, generator=g) * 2
+    k, v = (torch.randn(batch, 2, kv_len, 16, generator=g) * 2 for _ in range(2))
+    padding = None
+    if padded:
+        padding = torch.ones(batch, kv_len, dtype=torch.bool)
+        padding[1, :37] = False
+    mask = AttentionMask.causal(q_len, kv_len, batch_size=batch, padding=padding)
+    reference = type(method)(**{**method.params(), "backend": "math"})
+    with torch.no_grad():
+        got = method.attend(q, k, v, mask, AttendCall(scale=0.25))
+        ref = reference.attend(q, k, v, mask, AttendCall(scale=0.25))
+    assert calls, "the causal-halves path was not taken"
+    if isinstance(method, SinkWindow) and kv_len == q_len:
+        assert any(c["sinks"] is not None for c in calls) and any(c["sinks"] is None for c in calls)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_causal_halves_query_ranges():
+    """Which query blocks the causal halves cover: whole halves inside the keys, the block starting at key 0,
+    and whether the sinks can lead the previous half (it starts after them)."""
+    from longattn.kernels.causal_halves import halves_query_ranges
+
+    assert halves_query_ranges(700, 700, 0, 100, sinks_end=4) == [(0, 99, True), (99, 198, False), (198, 693, True)]
+    assert halves_query_ranges(700, 700, 0, 100, sinks_end=0) == [(0, 693, True)]
+    assert halves_query_ranges(300, 1000, 700, 100, sinks_end=4) == [(0, 297, True)]
+    assert halves_query_ranges(350, 400, 50, 100, sinks_end=4) == [(99, 297, True)]  # block 0 would start before key 0
+    assert halves_query_ranges(350, 400, 50, 100, sinks_end=60) == [(99, 198, False), (198, 297, True)]
+    assert halves_query_ranges(350, 400, -99, 100) == [(99, 297, True)]  # keys start after query 99
+    assert halves_query_ranges(50, 50, 0, 100) == [] and halves_query_ranges(9, 9, 0, 1) == []
+
+
 @pytest.mark.parametrize("method", [SlidingWindow(window=5, backend="sdpa"),
                                     SinkWindow(sink_tokens=2, window=4, backend="sdpa")], ids=repr)
 def test_restricted_mask_is_built_once_per_forward_not_per_layer(method, monkeypatch):

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import causal_halves
 from .masks import AttentionMask
 
 
@@ -154,8 +155,13 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
     n_edge = min(n_blocks, max(0, math.ceil((left - delta) / bs)))
     n_inner_end = max(n_edge, min(n_blocks, (k_len - width - delta + left) // bs + 1, q_len // bs))
     want_lse = sink_positions is not None
+    # Long windows in inference on CPU: the queries whose window lies inside the keys go through two causal
+    # halves per block (unmasked, see causal_halves.py); the tiles below cover the rest and padded rows.
+    halves_ok = (query.device.type == "cpu" and span - 1 >= causal_halves.HALVES_MIN_SPAN
+                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
     out = query.new_empty(b, hq, n_blocks * bs, d)
     lse = torch.empty(b, hq, n_blocks * bs, device=dev) if want_lse else None
+    covered = [[] for _ in range(b)]  # per row: (first, stop, sinks, sinks_done) ranges done by causal halves
     for bi in range(b):
         row_pad = None if key_padding is None or bool(key_padding[bi].all()) else key_padding[bi]
         own = starts < 0  # blocks that need a mask of their own
@@ -163,7 +169,13 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
             pads = torch.nn.functional.pad((~row_pad).to(torch.int32).cumsum(0), (1, 0))
             lo_c, hi_c = starts.clamp(0, k_len), (starts + width).clamp(0, k_len)
             own |= pads[hi_c] > pads[lo_c]
-        for a, c, needs_own in _runs(own, n_inner_end, max_run=32):
+        covered[bi] = [] if not halves_ok or row_pad is not None else _halves_ranges(
+            q_len, k_len, delta, span, None if sink_positions is None else sink_positions[bi] - mask.kv_offset)
+        merged = []  # adjacent ranges joined, so that no tile straddling two of them is computed
+        for first, stop, _, _ in covered[bi]:
+            merged = merged[:-1] + [(merged[-1][0], stop)] if merged and merged[-1][1] == first else merged + [(first, stop)]
+        skip = [(-(-first // bs), stop // bs) for first, stop in merged]
+        for a, c, needs_own in _runs(own, n_inner_end, max_run=32, skip=skip):
             if needs_own:
                 cols = starts[a:c].view(-1, 1) + j  # [blocks, width] local key index
                 real = (cols >= 0) & (cols < k_len)
@@ -194,10 +206,39 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
             out[bi, :, a * bs:c * bs].unflatten(1, (c - a, bs)).transpose(0, 1).copy_(res_out)
             if want_lse:
                 lse[bi, :, a * bs:c * bs].unflatten(1, (c - a, bs)).transpose(0, 1).copy_(res_lse)
+        # After the tiles: tiles that overlap a range are overwritten (its values include the sinks).
+        for first, stop, sinks, _ in covered[bi]:
+            causal_halves.causal_halves_window(query[bi], key[bi], value[bi], out[bi], lse[bi] if want_lse else None,
+                                               first=first, stop=stop, delta=delta, span=span, scale=scale,
+                                               sinks=sinks)
     out = out[:, :, :q_len]
     if not want_lse:
         return out
-    return _merge_sinks(query, key, value, mask, out, lse[:, :, :q_len], span, sink_positions, scale)
+    lse = lse[:, :, :q_len]
+    if not any(covered):
+        return _merge_sinks(query, key, value, mask, out, lse, span, sink_positions, scale)
+    for bi in range(b):  # where the halves added the sinks themselves, merge them into the other queries only
+        bounds = [0] + [x for first, stop, _, done in covered[bi] if done for x in (first, stop)] + [q_len]
+        for lo, hi in zip(bounds[::2], bounds[1::2]):
+            if hi > lo:
+                part = out[bi:bi + 1, :, lo:hi]
+                merged = _merge_sinks(query[bi:bi + 1, :, lo:hi], key[bi:bi + 1], value[bi:bi + 1], mask, part,
+                                      lse[bi:bi + 1, :, lo:hi], span, sink_positions[bi:bi + 1], scale,
+                                      row=bi, q_start=lo)
+                if merged.data_ptr() != part.data_ptr():
+                    part.copy_(merged)
+    return out
+
+
+def _halves_ranges(q_len, k_len, delta, span, sink_local):
+    """(first, stop, sinks, sinks_done) query ranges for causal_halves_window in one unpadded row;
+    `sink_local` are the row's sink keys (local indices; None: no sinks)."""
+    sinks = None if sink_local is None else sink_local[(sink_local >= 0) & (sink_local < k_len)]
+    if sinks is not None and not sinks.numel():
+        sinks = None
+    sinks_end = 0 if sinks is None else int(sinks.max()) + 1
+    return [(first, stop, sinks if inside else None, inside or sinks is None)
+            for first, stop, inside in causal_halves.halves_query_ranges(q_len, k_len, delta, span, sinks_end)]
 
 
 def dilated_strided_attention(query, key, value, mask: AttentionMask, *, span: int, dilation: int,
@@ -221,21 +262,27 @@ def dilated_strided_attention(query, key, value, mask: AttentionMask, *, span: i
     return out
 
 
-def _runs(own: torch.Tensor, split_at: int, max_run: int):
+def _runs(own: torch.Tensor, split_at: int, max_run: int, skip: list[tuple[int, int]] = ()):
     """(first, stop, needs_own) runs of consecutive blocks with the same `own`; runs also break at `split_at`
-    (where tiles start to run past the last key) and after `max_run` blocks with masks of their own."""
+    (where tiles start to run past the last key) and after `max_run` blocks with masks of their own. Blocks
+    in the ranges [lo, hi) of `skip` are left out (computed elsewhere)."""
     flags = own.tolist()
     runs, a = [], 0
     for i in range(1, len(flags) + 1):
         if i == len(flags) or flags[i] != flags[a] or i == split_at or (flags[a] and i - a == max_run):
             runs.append((a, i, flags[a]))
             a = i
+    for lo_skip, hi_skip in skip:
+        if hi_skip > lo_skip:
+            runs = [(lo, hi, flag) for a, c, flag in runs
+                    for lo, hi in ((a, min(c, lo_skip)), (max(a, hi_skip), c)) if lo < hi]
     return runs
 
 
-def _merge_sinks(query, key, value, mask, out, lse, span, sink_positions, scale):
+def _merge_sinks(query, key, value, mask, out, lse, span, sink_positions, scale, row=None, q_start=0):
     """Add the sink keys ([B, n] absolute positions) that lie before each query's window and that `mask`
-    allows, merging the two softmaxes by their LSEs (in place on a float32 `out`: the largest tensor here)."""
+    allows, merging the two softmaxes by their LSEs (in place on a float32 `out`: the largest tensor here).
+    With `row`, the tensors are that batch row's (batch 1) and the queries start at local index `q_start`."""
     b, hkv, k_len, d = key.shape
     groups = query.shape[1] // hkv
     n = sink_positions.shape[1]
@@ -246,9 +293,10 @@ def _merge_sinks(query, key, value, mask, out, lse, span, sink_positions, scale)
     idx = local.clamp(0, k_len - 1)
     ks = key.gather(2, idx.view(b, 1, n, 1).expand(b, hkv, n, d)).repeat_interleave(groups, 1)
     vs = value.gather(2, idx.view(b, 1, n, 1).expand(b, hkv, n, d)).repeat_interleave(groups, 1)
-    q_abs = (torch.arange(query.shape[2], device=query.device) + mask.q_offset).view(1, 1, -1, 1)
+    q_abs = (torch.arange(query.shape[2], device=query.device) + mask.q_offset + q_start).view(1, 1, -1, 1)
     k_abs = (idx + mask.kv_offset).view(b, 1, 1, n)
-    rows = torch.arange(b, device=query.device).view(b, 1, 1, 1)
+    rows = (torch.arange(b, device=query.device) if row is None else torch.tensor([row], device=query.device)
+            ).view(b, 1, 1, 1)
     allowed = (mask.fn(rows, torch.zeros_like(rows), q_abs, k_abs) & (q_abs - k_abs >= span)
                & present.view(b, 1, 1, n))
     s = (torch.matmul(query, ks.transpose(-1, -2)) * scale).float().masked_fill(~allowed, float("-inf"))

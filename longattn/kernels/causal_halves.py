@@ -1,0 +1,113 @@
+"""Sliding-window attention as two causal halves per block of queries, on the CPU's own causal kernel.
+
+Cut the queries into blocks of t = window - 1. A query at offset r of block i sees the keys of block i up to
+offset r (top-left causal: the kernel's `is_causal` switch, no mask) and the keys of block i - 1 from offset r
+on (anti-causal: causal again once queries and keys of the tile are both reversed). The two softmaxes are
+merged by their log-sum-exps. Only attended pairs are computed (plus the kernel's own diagonal waste), and no
+mask tensor is read: on CPU a float mask costs ~15% of the kernel time and 128-query tiles run its GEMMs with
+32-row splits, which together held the masked-tile path to ~61% of the ideal speedup.
+
+Inference only: the LSE of torch's CPU flash kernel carries no gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+HALVES_MIN_SPAN = 512  # below this the masked strided tiles are as fast (measured: scripts/bench_sparse.py)
+CHUNK_BLOCKS = 4
+
+
+def halves_query_ranges(q_len: int, k_len: int, delta: int, span: int, sinks_end: int = 0
+                        ) -> list[tuple[int, int, bool]]:
+    """The query ranges (first, stop, sinks_inside) this kernel covers for a plain causal window of `span`
+    keys, query i's newest key being key i + delta: the blocks whose halves (keys [b t + delta - t,
+    b t + delta + t)) lie inside the keys, and the block whose own half starts at key 0 (no previous half).
+    `sinks_inside`: the sinks (keys [0, sinks_end)) can be added to the previous halves (they start after the
+    sinks), or need nothing (no previous half); otherwise they are left to the caller."""
+    t = span - 1
+    if t < 1:
+        return []
+    ranges = []
+    for b in range(max(0, -(-(-delta) // t)), min(q_len // t, (k_len - delta) // t)):
+        own_start = b * t + delta
+        if 0 < own_start < t:  # the previous half would start before key 0
+            continue
+        inside = own_start == 0 or own_start - t >= sinks_end
+        if ranges and ranges[-1][1] == b * t and ranges[-1][2] == inside:
+            ranges[-1] = (ranges[-1][0], (b + 1) * t, inside)
+        else:
+            ranges.append((b * t, (b + 1) * t, inside))
+    return ranges
+
+
+def causal_halves_window(query, key, value, out, lse, *, first: int, stop: int, delta: int, span: int,
+                         scale: float, sinks: torch.Tensor | None = None):
+    """Window attention for queries [first, stop) of one batch row (`query` [Hq, Q, D], `key`/`value`
+    [Hkv, K, D], GQA by query-head slices), written into `out` [Hq, Q, D] and, if given, `lse` [Hq, Q].
+    `sinks` (local key indices, all before every previous half) are seen by every query of a block with a
+    previous half: they lead its reversed tile, behind as many dummy queries (top-left causal lets every
+    real query see them)."""
+    t = span - 1
+    # A few blocks at a time: the copies and the kernel's outputs stay small enough for the allocator to
+    # reuse their memory instead of faulting in fresh pages (measured: ~6% faster at 32k than all at once).
+    for a in range(first, stop, CHUNK_BLOCKS * t):
+        _halves_chunk(query, key, value, out, lse, first=a, stop=min(stop, a + CHUNK_BLOCKS * t), delta=delta,
+                      t=t, scale=scale, sinks=sinks)
+
+
+def _halves_chunk(query, key, value, out, lse, *, first, stop, delta, t, scale, sinks):
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    n = (stop - first) // t
+    hq, hkv = query.shape[0], key.shape[0]
+    groups = hq // hkv
+    k0 = first + delta  # the first key of block 0's own (diagonal) half
+    dev = query.device
+
+    def blocks(x, start, count):  # [count, H, t, D] view of `count` consecutive blocks of t positions
+        return x[:, start:start + count * t].unflatten(1, (count, t)).transpose(0, 1)
+
+    q_blocks, k_diag, v_diag = blocks(query, first, n), blocks(key, k0, n), blocks(value, k0, n)
+    out_blocks = blocks(out, first, n)
+    lse_blocks = None if lse is None else lse[:, first:stop].unflatten(1, (n, t)).transpose(0, 1)
+    p0 = 1 if k0 == 0 else 0  # a block whose own half starts at key 0 has no previous half
+    m = n - p0
+    ns = 0 if sinks is None or not m else sinks.numel()
+    reverse = torch.arange(t - 1, -1, -1, device=dev)
+    if m:
+        # Previous halves reversed, sinks first: one copy each of the queries, keys and values (the only copies
+        # of inputs made here). index_select along the block's rows is ~1.5x faster than a flat gather.
+        def reversed_blocks(x, start, lead):  # [m, H, ns + t, D]: `lead` rows, then the m blocks reversed
+            res = x.new_empty(m, x.shape[0], ns + t, x.shape[-1])
+            torch.index_select(blocks(x, start, m), 2, reverse, out=res[:, :, ns:])
+            if ns:
+                res[:, :, :ns] = lead
+            return res
+
+        q_rev = reversed_blocks(query, first + p0 * t, 0.0)  # dummy query rows, discarded
+        kv_start = k0 - t + p0 * t
+        if ns:
+            sinks = sinks.to(dev)
+            k_rev = reversed_blocks(key, kv_start, key[:, sinks].unsqueeze(0))
+            v_rev = reversed_blocks(value, kv_start, value[:, sinks].unsqueeze(0))
+        else:
+            k_rev, v_rev = reversed_blocks(key, kv_start, None), reversed_blocks(value, kv_start, None)
+    for j in range(groups):  # query heads j, j + groups, ... share key heads 0, 1, ... (repeat_interleave order)
+        heads = slice(j, hq, groups)
+        o_diag, l_diag = kernel(q_blocks[:, heads], k_diag, v_diag, 0.0, True, scale=scale)[:2]
+        if p0:
+            out_blocks[0, heads] = o_diag[0]
+            if lse_blocks is not None:
+                lse_blocks[0, heads] = l_diag[0]
+        if not m:
+            continue
+        o_prev, l_prev = kernel(q_rev[:, heads], k_rev, v_rev, 0.0, True, scale=scale)[:2]
+        o_prev, l_prev = o_prev[:, :, ns:], l_prev[:, :, ns:].float()
+        l_own = l_diag[p0:].float()
+        l_prev = l_prev.flip(-1)
+        total = torch.logaddexp(l_own, l_prev)
+        # out = o_diag * exp(l_diag - total) + o_prev * exp(l_prev - total), with the two weights summing to
+        # one: a single lerp from the previous half (back in row order) towards the own half.
+        torch.lerp(o_prev.flip(2), o_diag[p0:], torch.exp(l_own - total).unsqueeze(-1).to(o_diag.dtype),
+                   out=out_blocks[p0:, heads])
+        if lse_blocks is not None:
+            lse_blocks[p0:, heads] = total
