@@ -265,7 +265,7 @@ def test_causal_halves_path_equals_reference(method, q_len, kv_len, batch, padde
     block (350 / 400), a block straddling the sinks, chunking, GQA and padded rows next to unpadded ones."""
     from longattn.kernels import causal_halves
 
-    monkeypatch.setattr(causal_halves, "HALVES_MIN_SPAN", 8)  # the real threshold is 512 keys
+    monkeypatch.setattr(causal_halves, "HALVES_MIN_BLOCK", 8)  # the real threshold is 900
     monkeypatch.setattr(causal_halves, "CHUNK_BLOCKS", 2)
     calls = []
     real = causal_halves.causal_halves_window

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
-HALVES_MIN_SPAN = 512  # below this the masked strided tiles are as fast (measured: scripts/bench_sparse.py)
+# Blocks of at least this many queries (window - 1): torch's CPU kernel splits 768+ queries in 256-row GEMMs.
+# Measured at 16k (sink 4): parity with the masked tiles near 800, 1.13x at 1024, 1.11x at 2048, 1.72x at 4096;
+# 0.74x at 512 (64-row splits).
+HALVES_MIN_BLOCK = 900
 CHUNK_BLOCKS = 4
 
 

@@ -157,7 +157,7 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
     want_lse = sink_positions is not None
     # Long windows in inference on CPU: the queries whose window lies inside the keys go through two causal
     # halves per block (unmasked, see causal_halves.py); the tiles below cover the rest and padded rows.
-    halves_ok = (query.device.type == "cpu" and span - 1 >= causal_halves.HALVES_MIN_SPAN
+    halves_ok = (query.device.type == "cpu" and span - 1 >= causal_halves.HALVES_MIN_BLOCK
                  and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
     out = query.new_empty(b, hq, n_blocks * bs, d)
     lse = torch.empty(b, hq, n_blocks * bs, device=dev) if want_lse else None
