@@ -40,12 +40,16 @@ METHODS = [SlidingWindow(window=5), SinkWindow(sink_tokens=2, window=4), SinkWin
            Dilated(window=4, dilation=3), Dilated(window=30, dilation=2)]
 
 
-@pytest.fixture(params=[128, 4], ids=["block128", "block4"])
+@pytest.fixture(params=[128, 4], ids=["block128", "block4_halves"])
 def gather_block(request, monkeypatch):
-    """Run the gathered kernel with its real tile size and with tiny tiles (many blocks, partial last block)."""
+    """Run the gathered kernel with its real tile size and with tiny tiles (many blocks, partial last block);
+    with tiny tiles, windows of 3+ keys also take the causal-halves path in inference (real threshold: 900)."""
+    import longattn.kernels.causal_halves as causal_halves
     import longattn.kernels.gathered as gathered
 
     monkeypatch.setattr(gathered, "GATHER_BLOCK", request.param)
+    if request.param == 4:
+        monkeypatch.setattr(causal_halves, "HALVES_MIN_BLOCK", 2)
     return request.param
 
 
