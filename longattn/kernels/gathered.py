@@ -171,10 +171,13 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
             own |= pads[hi_c] > pads[lo_c]
         covered[bi] = [] if not halves_ok or row_pad is not None else _halves_ranges(
             q_len, k_len, delta, span, None if sink_positions is None else sink_positions[bi] - mask.kv_offset)
-        merged = []  # adjacent ranges joined, so that no tile straddling two of them is computed
+        joined = []  # adjacent ranges joined, so that no tile straddling two of them is computed
         for first, stop, _, _ in covered[bi]:
-            merged = merged[:-1] + [(merged[-1][0], stop)] if merged and merged[-1][1] == first else merged + [(first, stop)]
-        skip = [(-(-first // bs), stop // bs) for first, stop in merged]
+            if joined and joined[-1][1] == first:
+                joined[-1] = (joined[-1][0], stop)
+            else:
+                joined.append((first, stop))
+        skip = [(-(-first // bs), stop // bs) for first, stop in joined]
         for a, c, needs_own in _runs(own, n_inner_end, max_run=32, skip=skip):
             if needs_own:
                 cols = starts[a:c].view(-1, 1) + j  # [blocks, width] local key index
@@ -222,11 +225,11 @@ def strided_window_attention(query, key, value, mask: AttentionMask, *, span: in
         for lo, hi in zip(bounds[::2], bounds[1::2]):
             if hi > lo:
                 part = out[bi:bi + 1, :, lo:hi]
-                merged = _merge_sinks(query[bi:bi + 1, :, lo:hi], key[bi:bi + 1], value[bi:bi + 1], mask, part,
-                                      lse[bi:bi + 1, :, lo:hi], span, sink_positions[bi:bi + 1], scale,
-                                      row=bi, q_start=lo)
-                if merged.data_ptr() != part.data_ptr():
-                    part.copy_(merged)
+                res = _merge_sinks(query[bi:bi + 1, :, lo:hi], key[bi:bi + 1], value[bi:bi + 1], mask, part,
+                                   lse[bi:bi + 1, :, lo:hi], span, sink_positions[bi:bi + 1], scale,
+                                   row=bi, q_start=lo)
+                if res.data_ptr() != part.data_ptr():  # not merged in place (not float32)
+                    part.copy_(res)
     return out
 
 
