@@ -19,6 +19,8 @@ from torch import nn
 
 from .kernels.masks import AttentionMask, full
 from .methods import METHODS, AttendCall, AttentionMethod, make_method
+from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_modules, cross_attention_modules, eager_function,
+                     num_layers)
 from .recipes import find_recipe, load_recipe, recipe_names
 
 ATTN_NAME = "longattn"
@@ -26,7 +28,8 @@ TESTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Phi3", 
 _LAYER_ATTR = "_longattn_method"  # set on each patched attention module
 _ORIG_ATTR = "_longattn_original"  # the model's original attention implementation name, on every module
 _METER_ATTR = "_longattn_meter"  # the model's DensityMeter, on every module
-_SP_ATTR = "_longattn_sp"  # a longattn.parallel SequenceParallel, on each patched module when attention is sharded
+_SP_ATTR = "_longattn_sp"
+_CONFIG_ORIG_ATTR = "_longattn_original_impl"  # on the patched model's configs: what HFMask materializes for it  # a longattn.parallel SequenceParallel, on each patched module when attention is sharded
 
 
 class UnsupportedModelError(ValueError):
@@ -82,6 +85,20 @@ class HFMask(AttentionMask):
             self._cache[key] = ALL_MASK_ATTENTION_FUNCTIONS[impl](**self.hf_kwargs)
         return self._cache[key]
 
+    def as_model_expects(self) -> torch.Tensor:
+        """The tensor the model's original implementation would have received (for models that read the mask
+        themselves, e.g. DeepSeek-V3.2's indexer slicing it); built once, only when a model asks."""
+        impl = getattr(self.hf_kwargs.get("config"), _CONFIG_ORIG_ATTR, None) or "sdpa"
+        mask = self.for_implementation(impl)
+        if mask is None:  # the original implementation would have relied on is_causal: materialize it
+            from transformers.masking_utils import sdpa_mask
+
+            mask = sdpa_mask(**{**self.hf_kwargs, "allow_is_causal_skip": False})
+        return mask
+
+    def __getitem__(self, index):
+        return self.as_model_expects()[index]
+
 
 def _mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                     attention_mask=None, local_size=None, **kwargs) -> HFMask:
@@ -109,8 +126,7 @@ def _original_function(module: nn.Module, impl: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if impl == "eager":
-        # Each modeling file defines its own eager function (Gemma2's applies soft-capping, for example).
-        return sys.modules[type(module).__module__].eager_attention_forward
+        return eager_function(module)
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
@@ -120,11 +136,21 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     compressed KV cache (longattn.kvcache) attend over what it kept and evict after seeing the queries."""
     from .kvcache.cache import default_pattern, take_pending
 
+    if not hasattr(module, _ORIG_ATTR):
+        raise UnsupportedModelError(
+            f"longattn: {type(module).__name__} called the attention interface but is not one of the attention "
+            f"modules longattn found in this model (softmax self-attention with a layer_idx, or cross-attention); "
+            f"refusing rather than guessing what it expects")
+    s_aux = kwargs.get("s_aux")
+    if getattr(module, _LAYER_ATTR, None) is not None or getattr(module, _SP_ATTR, None) is not None:
+        _check_kwargs(module, kwargs)
     cache_layer = take_pending(getattr(module, "layer_idx", None))
+    if cache_layer is not None:
+        cache_layer.check_entries(key, module)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if cache_layer is not None and cache_layer.compressed:
         out, allowed = cache_layer.attend(query, default_pattern(getattr(module, _LAYER_ATTR, None), cache_layer),
-                                          scale, softcap, sliding_window)
+                                          scale, softcap, sliding_window, s_aux)
         meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
         if meter is not None:
             q_tok = cache_layer.token_index[0, 0, -query.shape[2]:]
@@ -135,8 +161,18 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
         result = _dispatch(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                            sliding_window=sliding_window, softcap=softcap, **kwargs)
     if cache_layer is not None:
-        cache_layer.after_attention(query, scale, softcap)
+        cache_layer.after_attention(query, scale, softcap, s_aux)
     return result
+
+
+def _check_kwargs(module, kwargs) -> None:
+    """An attention keyword argument longattn does not know could change the result: refuse, naming it."""
+    unknown = sorted(k for k, v in kwargs.items()
+                     if v is not None and k not in INERT_KWARGS and k not in HANDLED_KWARGS)
+    if unknown:
+        raise UnsupportedModelError(
+            f"longattn: {type(module).__name__} passes attention argument(s) {unknown} that longattn does not "
+            f"implement; they may change the result, so the patched layer refuses to run")
 
 
 def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -144,6 +180,10 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     sp = getattr(module, _SP_ATTR, None)
     if sp is not None:  # the sequence is sharded over ranks: ring / Ulysses attention (longattn.parallel)
         from .parallel.hf import sequence_parallel_attention, sequence_parallel_pairs
+
+        if kwargs.get("s_aux") is not None:
+            raise UnsupportedModelError("longattn: sequence-parallel attention does not implement learned "
+                                        "attention sinks (s_aux) yet")
 
         out = sequence_parallel_attention(
             sp, query, key, value, attention_mask, scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
@@ -175,8 +215,13 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         mask = AttentionMask(query.shape[0], query.shape[2], key.shape[2], full, is_causal=False,
                              device=query.device)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    s_aux = kwargs.get("s_aux")
+    if s_aux is not None and not method.learned_sinks:
+        raise UnsupportedModelError(
+            f"longattn: {type(module).__name__} has learned attention sinks (s_aux), which {method.name!r} does "
+            f"not implement; methods that do: {sorted(n for n, c in METHODS.items() if c.learned_sinks)}")
     call = AttendCall(scale=scale, softcap=softcap, dropout=dropout, layer_idx=getattr(module, "layer_idx", None),
-                      module=module)
+                      module=module, learned_sinks=s_aux)
     out = method.attend(query, key, value, mask, call)
     if meter is not None:
         pairs = call.attended_pairs if call.attended_pairs is not None else method.computed_pairs(mask)
@@ -199,12 +244,6 @@ def _register() -> None:
         _registered = True
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a transformers decoder, ordered by layer index."""
-    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
-    return sorted(mods, key=lambda m: m.layer_idx)
-
-
 def _check_supported(model) -> list[nn.Module]:
     from transformers import PreTrainedModel
 
@@ -219,10 +258,11 @@ def _check_supported(model) -> list[nn.Module]:
         why = "its attention does not go through transformers' AttentionInterface"
     mods = attention_modules(model)
     if why is None and not mods:
-        why = "no self-attention layers were found"
-    if why is None and not (getattr(model.config, "is_causal", True)
-                            and all(getattr(m, "is_causal", False) is True for m in mods)):
-        why = "its attention is not causal (an encoder)"
+        why = "no softmax self-attention layer on transformers' AttentionInterface was found"
+    if why is None and any(m.layer_idx is None for m in mods):
+        why = "its attention modules do not know their layer index"
+    if why is None and not all(getattr(m, "is_causal", False) is True for m in mods):
+        why = "its self-attention is not causal (an encoder, or a decoder built without is_decoder=True)"
     if why:
         raise UnsupportedModelError(
             f"longattn cannot patch {name}: {why}. Supported: decoder-only causal LMs whose attention goes "
@@ -230,20 +270,31 @@ def _check_supported(model) -> list[nn.Module]:
     return mods
 
 
-def _resolve_layers(layers, n_layers: int) -> tuple[int, ...]:
+def _resolve_layers(layers, attention_layers: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
+    """Layer indices as the model counts them (decoder layers, attention or not) -> the attention layers chosen.
+    A slice or index that selects no attention layer, or a layer that is not one, is an error."""
+    where = (f"a model with {n_layers} layers" if len(attention_layers) == n_layers else
+             f"a model with {n_layers} layers, of which {len(attention_layers)} are softmax attention "
+             f"({', '.join(map(str, attention_layers))})")
     if layers is None or layers == "all":
-        return tuple(range(n_layers))
+        return attention_layers
     if isinstance(layers, str):  # Python slice syntax, e.g. "2:" = every layer but the first two
         parts = layers.split(":")
         if len(parts) not in (2, 3) or not all(p.strip().lstrip("-").isdigit() or not p.strip() for p in parts):
             raise ValueError(f"layers: expected 'all', a list of layer indices or a slice like '2:', got {layers!r}")
-        sl = slice(*(int(p) if p.strip() else None for p in parts))
-        return tuple(range(n_layers))[sl]
+        bounds = [int(p) if p.strip() else None for p in parts]
+        if any(b is not None and not -n_layers <= b <= n_layers for b in bounds[:2]):
+            raise ValueError(f"layers: slice {layers!r} out of range for {where}")
+        chosen = tuple(i for i in range(n_layers)[slice(*bounds)] if i in attention_layers)
+        if not chosen:
+            raise ValueError(f"layers: slice {layers!r} selects no attention layer of {where}")
+        return chosen
     chosen = set()
     for i in [layers] if isinstance(layers, int) else layers:
         if not -n_layers <= int(i) < n_layers:
-            raise ValueError(f"layers: index {i} out of range for a model with {n_layers} attention layers "
-                             f"(0..{n_layers - 1})")
+            raise ValueError(f"layers: index {i} out of range for {where} (0..{n_layers - 1})")
+        if int(i) % n_layers not in attention_layers:
+            raise ValueError(f"layers: layer {i} is not a softmax attention layer of {where}")
         chosen.add(int(i) % n_layers)
     return tuple(sorted(chosen))
 
@@ -297,22 +348,30 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
     """
     mods = _check_supported(model)
     spec, recipe_layers, policy = resolve_kv_cache(method, kv_cache, params)
-    chosen = _resolve_layers(recipe_layers if layers is None else layers, len(mods))
+    attention_layers = tuple(m.layer_idx for m in mods)
+    chosen = _resolve_layers(recipe_layers if layers is None else layers, attention_layers, num_layers(model))
     sp = None
     if sequence_parallel is not None:  # a SequenceParallel, ProcessGroup or group size (longattn.parallel)
         from .parallel.hf import sequence_parallel_for
 
-        sp = sequence_parallel_for(sequence_parallel, spec, len(chosen) == len(mods))
-    if policy is not None and len(chosen) != len(mods):
+        sp = sequence_parallel_for(sequence_parallel, spec, chosen == attention_layers)
+    if policy is not None and chosen != attention_layers:
         raise ValueError("a compressed KV cache covers every layer: patch all layers (layers=None) with kv_cache")
     if getattr(model, "_longattn", None) is not None:
         unpatch(model)
+    from .kvcache.cache import clear_pending
+
+    clear_pending()
     _register()
     original = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
         raise UnsupportedModelError(f"{type(model).__name__} refused set_attn_implementation({ATTN_NAME!r})")
     state = PatchState(original, spec, chosen, sequence_parallel=sp)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
+        setattr(cfg, _CONFIG_ORIG_ATTR, original)
+    for m in cross_attention_modules(model):  # passed through to the model's own attention, unchanged
+        setattr(m, _ORIG_ATTR, original)
     for m in mods:
         setattr(m, _ORIG_ATTR, original)
         setattr(m, _METER_ATTR, state.meter)
@@ -334,9 +393,12 @@ def unpatch(model):
     if state is None:
         return model
     model.set_attn_implementation(state.original_impl)
+    for cfg in (model.config, model.config.get_text_config(decoder=True)):
+        if hasattr(cfg, _CONFIG_ORIG_ATTR):
+            delattr(cfg, _CONFIG_ORIG_ATTR)
     if state.kv_hook is not None:
         state.kv_hook.remove()
-    for m in attention_modules(model):
+    for m in attention_modules(model) + cross_attention_modules(model):
         for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR):
             if hasattr(m, attr):
                 delattr(m, attr)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .methods.ssa import MODULE_ATTR, SelectiveAttention, SelectiveTemperature
-from .patching import attention_modules, patch, unpatch
+from .models import attention_modules
+from .patching import patch, unpatch
 
 CONFIG_ATTR = "longattn_ssa"  # in the model config: the settings load_selective re-applies
 

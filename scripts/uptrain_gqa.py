@@ -182,7 +182,7 @@ def main(argv=None):
             row["ssa_parameters"] = longattn.selective_parameter_count(model)
         if method == "dgqa":
             row["dgqa_allocation"] = [m._longattn_dgqa["counts"].tolist()
-                                      for m in longattn.patching.attention_modules(model)]
+                                      for m in longattn.models.attention_modules(model)]
         print(json.dumps(row), file=sys.stderr)
         with open(results, "a") as f:  # one line per finished row: an interruption loses only the current row
             f.write(json.dumps(row) + "\n")

@@ -20,10 +20,10 @@ def recorder(monkeypatch):
     records = []
     original = CompressedLayer.after_attention
 
-    def spy(self, query, scale, softcap):
+    def spy(self, query, scale, softcap, learned_sinks=None):
         seen = dict(layer=self.layer_idx, keys=self.keys.clone(), tok=self.token_index.clone(),
                     valid=self.valid.clone(), query=query.clone(), scale=scale, prefill=self.prompt_length is None)
-        original(self, query, scale, softcap)
+        original(self, query, scale, softcap, learned_sinks)
         seen["kept"] = [[sorted(t for t, v in zip(self.token_index[b, h].tolist(), self.valid[b, h].tolist()) if v)
                          for h in range(self.keys.shape[1])] for b in range(self.keys.shape[0])]
         records.append(seen)

@@ -56,8 +56,13 @@ def choose_backend(query: torch.Tensor, mask: AttentionMask | None, softcap: flo
 
 def dense_attention(query, key, value, mask: AttentionMask | None = None, *, scale: float | None = None,
                     softcap: float | None = None, dropout: float = 0.0, backend: str = "auto",
-                    return_lse: bool = False):
-    """Exact softmax attention over the pairs `mask` allows (None: bottom-right causal over all keys)."""
+                    return_lse: bool = False, learned_sinks: torch.Tensor | None = None):
+    """Exact softmax attention over the pairs `mask` allows (None: bottom-right causal over all keys).
+    `learned_sinks` [Hq]: one extra logit per head in each softmax denominator, with a zero value."""
+    if learned_sinks is not None:
+        out, lse = dense_attention(query, key, value, mask, scale=scale, softcap=softcap, dropout=dropout,
+                                   backend=backend, return_lse=True)
+        return apply_learned_sinks(out, lse, learned_sinks, return_lse)
     if mask is None:
         mask = AttentionMask.causal(query.shape[2], key.shape[2], batch_size=query.shape[0], device=query.device)
     backend = choose_backend(query, mask, softcap, backend)
@@ -66,6 +71,16 @@ def dense_attention(query, key, value, mask: AttentionMask | None = None, *, sca
         raise ValueError(f"attention dropout is only supported by the 'sdpa' backend, not {backend!r}")
     fn = {"sdpa": _sdpa, "flex": _flex, "flash": _flash, "math": _math}[backend]
     return fn(query, key, value, mask, scale=scale, softcap=softcap, dropout=dropout, return_lse=return_lse)
+
+
+def apply_learned_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor, return_lse: bool = False):
+    """Add one logit per head (`sinks` [H]) with a zero value to softmax attention already computed as `out`
+    [B, H, Q, D] with log-sum-exp `lse` [B, H, Q]: each output shrinks by exp(lse) / (exp(lse) + exp(sink))
+    (gpt-oss's learned attention sinks; OpenAI 2025, gpt-oss model card, arXiv:2508.10925)."""
+    sink = sinks.float().view(1, -1, 1)
+    factor = torch.sigmoid(lse.float() - sink)
+    out = (out.float() * factor.unsqueeze(-1)).to(out.dtype)
+    return (out, torch.logaddexp(lse.float(), sink.expand_as(lse))) if return_lse else out
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

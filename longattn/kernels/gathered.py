@@ -319,8 +319,9 @@ LOCAL_BACKENDS = ("auto", "gathered", "sdpa", "flex", "flash", "math")
 def local_attention(query, key, value, pattern: AttentionMask, *, span: int | None, sinks: int = 0,
                     first_token: torch.Tensor | None = None, backend: str = "auto", scale: float,
                     softcap: float | None = None, dropout: float = 0.0, dilation: int = 1,
-                    translation_invariant: bool = False):
+                    translation_invariant: bool = False, learned_sinks: torch.Tensor | None = None):
     """Attention under a local pattern (keys within `span` back, plus `sinks` first tokens).
+    `learned_sinks` [Hq]: a model's learned sink logits (see kernels.dense.apply_learned_sinks).
 
     `translation_invariant` says that the pattern is exactly that window (and sinks; every `dilation`-th key
     within `span` when dilated) plus the mask's key padding: nothing else in the model's mask.
@@ -330,7 +331,7 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
     compute every pair), gathers keys when that skips at least half of them, and otherwise uses the dense
     kernels with the pattern as a mask (sdpa / flex / math, as for dense attention).
     """
-    from .dense import dense_attention
+    from .dense import apply_learned_sinks, dense_attention
 
     if pattern.window is not None:
         span = pattern.window if span is None else min(span, pattern.window)
@@ -339,6 +340,14 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
         lo = 0 if first_token is None else int(first_token.min())
         hi = (0 if first_token is None else int(first_token.max())) + sinks - 1
         sink_range = (lo, hi)
+    if learned_sinks is not None:  # needs each row's log-sum-exp: the gathered tiles or a dense kernel give it
+        index = local_key_index(pattern, GATHER_BLOCK, span, sink_range) if backend in ("auto", "gathered") else None
+        if index is not None and not dropout and (backend == "gathered" or index.shape[1] * 2 <= pattern.kv_len):
+            out, lse = gathered_attention(query, key, value, pattern, index, block_size=GATHER_BLOCK, scale=scale,
+                                          softcap=softcap, return_lse=True)
+            return apply_learned_sinks(out, lse, learned_sinks)
+        return dense_attention(query, key, value, pattern, scale=scale, softcap=softcap, dropout=dropout,
+                               backend=backend if backend != "gathered" else "auto", learned_sinks=learned_sinks)
     if backend in ("auto", "gathered"):
         # Fast path: a window (plus key padding, no other pattern in the model's mask) is the same for every
         # block of queries, so keys need no copying and one mask serves all blocks but those near pads.

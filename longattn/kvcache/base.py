@@ -48,6 +48,7 @@ class ScoreInput:
     prefill: bool
     entry_state: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
+    learned_sinks: torch.Tensor | None = None  # [Hq] the model's learned sink logits (gpt-oss), else None
 
     def query_tokens(self) -> torch.Tensor:
         """[B, 1, Q] stream indices of this forward's queries."""
@@ -72,7 +73,12 @@ class ScoreInput:
                 scores = self.softcap * torch.tanh(scores / self.softcap)
             qt = q_tok[:, :, start:start + ATTENTION_CHUNK].unsqueeze(-1)  # [B, 1, c, 1]
             allowed = key_ok.unsqueeze(2) & (key_tok.unsqueeze(2) <= qt)
-            probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            if self.learned_sinks is not None:  # the sink logit takes its share of every query's softmax
+                sink = self.learned_sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+                probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+            else:
+                probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
             total += probs.sum(2)
         total = total.view(total.shape[0], self.keys.shape[1], groups, -1).sum(2)
         if reduce == "mean":

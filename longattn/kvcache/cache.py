@@ -16,10 +16,11 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..kernels.dense import dense_attention, repeat_kv
 from ..kernels.masks import AttentionMask, causal
+from ..models import rotary_inv_freq
 from .base import KVPolicy, ScoreInput, drop_invalid
 
 # The layer whose `update` ran last on this thread and still waits for its queries. transformers calls
@@ -33,6 +34,11 @@ def take_pending(layer_idx) -> "CompressedLayer | None":
         return None
     _pending.layer = None
     return layer
+
+
+def clear_pending() -> None:
+    """Forget a layer left waiting by a forward that raised before its attention ran."""
+    _pending.layer = None
 
 
 class CompressedLayer(DynamicLayer):
@@ -109,7 +115,8 @@ class CompressedLayer(DynamicLayer):
         self.entry_state = {k: fn(v) for k, v in self.entry_state.items()}
 
     # ---------------------------------------------------------------------------------- attention side
-    def attend(self, query, pattern, scale: float, softcap: float | None, sliding_window: int | None):
+    def attend(self, query, pattern, scale: float, softcap: float | None, sliding_window: int | None,
+               learned_sinks: torch.Tensor | None = None):
         """Attention of this forward's queries over the kept + new entries, by stream index: causal, valid
         entries only, restricted by the layer's positional `pattern` (a mask function over stream indices, or
         None for plain causal) and by the model's own sliding window. Returns [B, Hq, Q, D]."""
@@ -125,14 +132,26 @@ class CompressedLayer(DynamicLayer):
         allowed = repeat_kv(allowed, query.shape[1] // self.keys.shape[1])
         mask = AttentionMask.from_tensor(allowed)
         return dense_attention(query, self.keys, self.values, mask, scale=scale, softcap=softcap,
-                               backend="sdpa" if softcap is None else "math"), allowed
+                               backend="sdpa" if softcap is None else "math", learned_sinks=learned_sinks), allowed
+
+    def check_entries(self, key: torch.Tensor, module) -> None:
+        """The attention function must receive exactly the entries this layer holds; a model that transforms
+        its cached entries before attention (latent caches) cannot be compressed by attending over them."""
+        if key.shape != self.keys.shape:
+            from ..patching import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"longattn KV cache: {type(module).__name__} attends over keys of shape {tuple(key.shape)} but "
+                f"caches entries of shape {tuple(self.keys.shape)} (it transforms its cache before attention); "
+                f"longattn's KV policies cannot compress such a cache")
 
     def first_token(self) -> torch.Tensor:
         """[B] stream index of each sequence's first real (non-pad) token among the entries."""
         big = torch.iinfo(torch.long).max
         return torch.where(self.valid[:, 0], self.token_index[:, 0], big).amin(-1)
 
-    def after_attention(self, query: torch.Tensor, scale: float, softcap: float | None) -> None:
+    def after_attention(self, query: torch.Tensor, scale: float, softcap: float | None,
+                        learned_sinks: torch.Tensor | None = None) -> None:
         """Score the entries with this forward's queries and evict down to the policy's target."""
         self.awaiting = False
         first = self.prompt_length is None
@@ -143,7 +162,7 @@ class CompressedLayer(DynamicLayer):
         if keep is None and not self.policy.stateful:
             return
         inp = ScoreInput(self.keys, self.values, self.token_index, self.valid, query, self.n_new, scale, softcap,
-                         self.layer_idx, self.n_layers, first, self.entry_state, self.state)
+                         self.layer_idx, self.n_layers, first, self.entry_state, self.state, learned_sinks)
         scores = self.policy.score(inp)
         if keep is None:
             return
@@ -167,7 +186,7 @@ class CompressedLayer(DynamicLayer):
             evicted.scatter_(2, idx, False)
             counts = evicted.long()
             after = counts.sum(-1, keepdim=True) - counts.cumsum(-1)
-            self.keys = self.cache.rerotate(self.keys, after.gather(2, idx))
+            self.keys = self.cache.rerotate(self.keys, after.gather(2, idx), self.layer_idx)
         self.values = take(self.values)
         self.token_index = take(self.token_index)
         self.valid = kept_valid
@@ -175,21 +194,34 @@ class CompressedLayer(DynamicLayer):
         self.compressed = True
 
 
-class CompressedCache(Cache):
-    """A transformers Cache of `CompressedLayer`s, one per attention layer of `model`, sharing one policy.
+class CompressedCache(DynamicCache):
+    """The model's own DynamicCache with each softmax-attention layer replaced by a `CompressedLayer` sharing one
+    policy; SSM, convolution and linear-attention layers of hybrid models stay exactly as transformers made them.
 
     Pass it to `model.generate(..., cache=...)` on a patched model, or let `longattn.patch(model, policy, ...)`
     put one in place of the cache generate would have made.
     """
 
-    def __init__(self, policy: KVPolicy, model):
-        from ..patching import attention_modules
+    def __init__(self, policy: KVPolicy, model, base: Cache | None = None):
+        from ..models import attention_modules, num_layers
 
-        n_layers = len(attention_modules(model))
+        check_compressible(model)
+        n_layers = num_layers(model)
+        attention_layers = {m.layer_idx for m in attention_modules(model)}
+        base = DynamicCache(config=model.config) if base is None else base
+        layers = list(base.layers)
+        if len(layers) < n_layers:  # a lazily built cache: its layers would all have been DynamicLayers
+            layers += [DynamicLayer() for _ in range(n_layers - len(layers))]
+        for i in sorted(attention_layers):
+            if type(layers[i]) not in (DynamicLayer, DynamicSlidingWindowLayer):
+                raise _unsupported(f"{type(model).__name__}: its cache layer {i} is a {type(layers[i]).__name__}; "
+                                   f"longattn's KV policies replace only plain attention layers (DynamicLayer, "
+                                   f"DynamicSlidingWindowLayer)")
+            layers[i] = CompressedLayer(policy, i, n_layers, self)
         self.policy = policy
         self._new_validity: torch.Tensor | None = None
-        self._inv_freq = _rotary_inv_freq(model) if policy.shifts_positions else None
-        super().__init__(layers=[CompressedLayer(policy, i, n_layers, self) for i in range(n_layers)])
+        self._rotary = {i: rotary_inv_freq(model, i) for i in attention_layers} if policy.shifts_positions else None
+        Cache.__init__(self, layers=layers)
 
     # -------------------------------------------------------------------------- set by the model hook
     def set_new_validity(self, attention_mask: torch.Tensor | None, q: int) -> None:
@@ -204,13 +236,13 @@ class CompressedCache(Cache):
         return v.to(device)
 
     # ------------------------------------------------------------------------- StreamingLLM positions
-    def rerotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Rotate RoPE keys [B, H, N, D] (in place) by `delta` [B, H, N] more positions; rotations compose, and
-        only the keys with a nonzero delta are touched."""
+    def rerotate(self, keys: torch.Tensor, delta: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Rotate RoPE keys [B, H, N, D] of layer `layer_idx` (in place) by `delta` [B, H, N] more positions with
+        that layer's table; rotations compose, and only the keys with a nonzero delta are touched."""
         moved = delta != 0
         if not bool(moved.any()):
             return keys
-        inv_freq = self._inv_freq.to(keys.device)
+        inv_freq = self._rotary[layer_idx].to(keys.device)
         half = inv_freq.numel()
         k = keys[moved].float()  # [M, D]
         angle = delta[moved].unsqueeze(-1).float() * inv_freq  # [M, half]
@@ -226,23 +258,50 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         return torch.where(layer.valid, layer.token_index, -1)
 
+    def untouched(self) -> bool:
+        """No attention layer was ever written to (a model that ignored this cache)."""
+        return all(layer.cumulative_length == 0 for layer in self.layers if isinstance(layer, CompressedLayer))
+
+    def attention_entry_counts(self) -> list[int]:
+        """Entries per KV head held by each compressed (attention) layer, in layer order."""
+        return [layer.keys.shape[-2] for layer in self.layers
+                if isinstance(layer, CompressedLayer) and layer.is_initialized]
+
     def nbytes(self) -> int:
         """Bytes of the key/value tensors held (what the cache costs in memory)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
-                   for t in (layer.keys, layer.values))
+        return sum(t.numel() * t.element_size() for layer in self.layers
+                   if isinstance(layer, CompressedLayer) and layer.is_initialized for t in (layer.keys, layer.values))
 
 
-def _rotary_inv_freq(model) -> torch.Tensor:
-    for module in model.modules():
-        if type(module).__name__.endswith("RotaryEmbedding") and hasattr(module, "inv_freq"):
-            return module.inv_freq.detach().float().clone()
-    raise ValueError(f"{type(model).__name__} has no rotary embedding: shifting kept keys to cache positions "
-                     f"needs RoPE; use shift_positions=False")
+def _unsupported(msg: str):
+    from ..patching import UnsupportedModelError
+
+    return UnsupportedModelError(msg)
+
+
+def check_compressible(model) -> None:
+    """Refuse, naming the reason, models whose KV cache the policies cannot compress."""
+    cfg = model.config.get_text_config(decoder=True)
+    name = type(model).__name__
+    if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache():
+        raise _unsupported(f"{name} keeps a cache class of its own, not transformers' DynamicCache, whose "
+                           f"attention layers longattn's KV policies compress")
+    if getattr(cfg, "kv_lora_rank", None):
+        raise _unsupported(f"{name} uses multi-head latent attention: its cache holds the compressed latent "
+                           f"(kv_lora_rank={cfg.kv_lora_rank}) and the RoPE key, not per-head keys and values, and "
+                           f"longattn's KV policies do not score latent entries (sparse attention methods do work)")
+    if getattr(cfg, "kv_sharing_modes", None) is not None or getattr(cfg, "num_kv_shared_layers", 0):
+        raise _unsupported(f"{name} shares KV-cache entries between layers; evicting them for one layer would change "
+                           f"what the others see, which longattn's KV policies do not handle")
 
 
 def is_fresh_cache(cache) -> bool:
-    """A cache generate() just made and nothing has been written to: safe to replace with a compressed one."""
-    return type(cache) is DynamicCache and cache.get_seq_length() == 0
+    """A DynamicCache generate() just made and nothing has been written to: safe to compress."""
+    if type(cache) is not DynamicCache:
+        return False
+    return all(getattr(layer, "keys", None) is None or layer.keys.numel() == 0 for layer in cache.layers
+               if isinstance(layer, DynamicLayer)) and not any(
+        getattr(layer, "is_initialized", False) for layer in cache.layers if not isinstance(layer, (DynamicLayer, DummyLayer)))
 
 
 def default_pattern(method, layer: CompressedLayer):
@@ -261,8 +320,16 @@ def install_cache_hook(model, policy: KVPolicy):
             return None
         name = "past_key_values" if "past_key_values" in kwargs and "cache" not in kwargs else "cache"
         cache = kwargs.get(name)
-        if is_fresh_cache(cache) or (cache is None and kwargs.get("use_cache") is True):
+        if is_fresh_cache(cache):
+            cache = kwargs[name] = CompressedCache(policy, model, base=cache)
+        elif cache is None and kwargs.get("use_cache") is True:
             cache = kwargs[name] = CompressedCache(policy, model)
+        elif cache is not None and not isinstance(cache, CompressedCache) and cache.get_seq_length() == 0:
+            raise _unsupported(f"longattn KV policy {policy.name!r}: {type(model).__name__} made a "
+                               f"{type(cache).__name__}, not transformers' DynamicCache, so its attention layers "
+                               f"cannot be compressed; pass cache=CompressedCache(policy, model) if its layers are "
+                               f"plain attention layers")
+        clear_pending()
         if isinstance(cache, CompressedCache):
             x = kwargs.get("input_ids")
             x = kwargs.get("inputs_embeds") if x is None else x
@@ -270,4 +337,32 @@ def install_cache_hook(model, policy: KVPolicy):
             cache.set_new_validity(kwargs.get("attention_mask"), x.shape[1])
         return args, kwargs
 
-    return model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    def check_output(module, args, kwargs, output):
+        cache = getattr(output, "past_key_values", None)
+        given = kwargs.get("cache", kwargs.get("past_key_values"))
+        if module.training:
+            return None
+        if isinstance(given, CompressedCache) and (given.untouched() or cache is not given):
+            raise _unsupported(f"longattn KV policy {policy.name!r}: {type(model).__name__} did not write to the "
+                               f"compressed cache it was given (it keeps its own cache inside its modules), so the "
+                               f"budget would not hold; refusing")
+        if isinstance(cache, Cache) and not isinstance(cache, CompressedCache):
+            raise _unsupported(f"longattn KV policy {policy.name!r}: {type(model).__name__} ran with its own "
+                               f"{type(cache).__name__} instead of longattn's compressed cache (it builds its cache "
+                               f"inside its forward), so the budget would not hold; refusing")
+
+    # On the model generate() calls, not its base model: some (OPT) never call their base model's forward.
+    check_compressible(model)
+    return _Handles(model.register_forward_pre_hook(hook, with_kwargs=True),
+                    model.register_forward_hook(check_output, with_kwargs=True))
+
+
+class _Handles:
+    """Both hooks of a KV policy, removed together."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

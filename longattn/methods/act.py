@@ -121,7 +121,8 @@ def act_select_heads(model, input_ids, *, threshold: float = 0.1, beta: float = 
     one head at a time and keep the [layer, head] pairs whose calibration lowers the mean next-token loss of
     `input_ids` [B, S] below that of the unpatched model. The authors score accuracy on a task's samples;
     any held-out text works here. Costs one forward pass per head."""
-    from ..patching import attention_modules, patch_state, patched
+    from ..models import attention_modules
+    from ..patching import patch_state, patched
 
     if patch_state(model) is not None:
         raise ValueError("act_select_heads: unpatch the model first (it compares against the original)")

@@ -21,6 +21,8 @@ class AttendCall:
     module: Any = None
     # A method whose pattern depends on the data sets the pairs it attended (per sequence) here.
     attended_pairs: int | None = None
+    # [Hq] learned sink logits (gpt-oss, ...): one more logit per head in the softmax denominator, value zero.
+    learned_sinks: torch.Tensor | None = None
 
 
 @dataclass
@@ -33,6 +35,8 @@ class AttentionMethod:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # Whether attend() honours call.learned_sinks; others are refused on models that have them.
+    learned_sinks: ClassVar[bool] = False
 
     def __post_init__(self):
         self.validate()

@@ -22,6 +22,7 @@ class Dense(AttentionMethod):
     name = "dense"
     paper = "Vaswani et al. 2017, Attention Is All You Need (arXiv:1706.03762)"
     summary = "exact full attention (baseline); backends sdpa / flex / flash / math"
+    learned_sinks = True  # honours a model's learned sink logits (s_aux)
 
     backend: str = "auto"
 
@@ -30,7 +31,7 @@ class Dense(AttentionMethod):
 
     def attend(self, query, key, value, mask, call: AttendCall):
         return dense_attention(query, key, value, mask, scale=call.scale, softcap=call.softcap,
-                               dropout=call.dropout, backend=self.backend)
+                               dropout=call.dropout, backend=self.backend, learned_sinks=call.learned_sinks)
 
     def position_pattern(self, first_token=None):
         return causal

@@ -32,6 +32,7 @@ class Dilated(AttentionMethod):
     name = "dilated"
     paper = "Hassani & Shi 2022, Dilated Neighborhood Attention Transformer (arXiv:2209.15001)"
     summary = "`window` keys spaced `dilation` apart, causal"
+    learned_sinks = True  # honours a model's learned sink logits (s_aux)
 
     window: int = 512
     density: float | None = None
@@ -57,4 +58,5 @@ class Dilated(AttentionMethod):
         pattern = mask.restrict(dilated_window(self.window, self.dilation), cache_key=repr(self))
         return local_attention(query, key, value, pattern, span=self.window * self.dilation,
                                backend=self.backend, scale=call.scale, softcap=call.softcap, dropout=call.dropout,
-                               translation_invariant=mask.structured, dilation=self.dilation)
+                               translation_invariant=mask.structured, dilation=self.dilation,
+                               learned_sinks=call.learned_sinks)

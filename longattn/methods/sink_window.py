@@ -37,6 +37,7 @@ class SinkWindow(AttentionMethod):
     name = "sink_window"
     paper = "Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks (arXiv:2309.17453)"
     summary = "first `sink_tokens` tokens + the `window` most recent (A-shape)"
+    learned_sinks = True  # honours a model's learned sink logits (s_aux)
 
     sink_tokens: int = 4
     window: int = 1024
@@ -66,4 +67,5 @@ class SinkWindow(AttentionMethod):
         pattern = mask.restrict(sinks_and_window(self.sink_tokens, self.window, first), cache_key=repr(self))
         return local_attention(query, key, value, pattern, span=self.window, sinks=self.sink_tokens,
                                first_token=first, backend=self.backend, scale=call.scale, softcap=call.softcap,
-                               dropout=call.dropout, translation_invariant=mask.structured)
+                               dropout=call.dropout, translation_invariant=mask.structured,
+                               learned_sinks=call.learned_sinks)

@@ -32,6 +32,7 @@ class SlidingWindow(AttentionMethod):
     name = "sliding_window"
     paper = "Beltagy et al. 2020, Longformer: The Long-Document Transformer (arXiv:2004.05150)"
     summary = "causal attention to the `window` most recent tokens"
+    learned_sinks = True  # honours a model's learned sink logits (s_aux)
 
     window: int = 1024
     density: float | None = None
@@ -55,4 +56,4 @@ class SlidingWindow(AttentionMethod):
         windowed = mask.restrict(sliding_window(self.window), window=self.window, cache_key=repr(self))
         return local_attention(query, key, value, windowed, span=self.window, backend=self.backend,
                                scale=call.scale, softcap=call.softcap, dropout=call.dropout,
-                               translation_invariant=mask.structured)
+                               translation_invariant=mask.structured, learned_sinks=call.learned_sinks)

@@ -1,0 +1,101 @@
+"""What longattn knows about transformers architectures, in one place.
+
+Which modules are softmax self-attention on transformers' AttentionInterface and their true layer indices
+(hybrid models interleave them with SSM / linear-attention / conv layers), which are cross-attention (passed
+through untouched), the eager function of a module, the RoPE table of a layer, the attention keyword arguments
+transformers passes and what longattn does with each, and which cache layers hold attention keys and values.
+patching.py, kvcache/ and the GQA / SSA tools import this instead of guessing on their own.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+
+import torch
+from torch import nn
+
+# Keyword arguments an attention module passes to the attention function that never change the result of
+# softmax attention over the given q, k, v and mask (bookkeeping for other kernels, or consumed by transformers).
+INERT_KWARGS = frozenset({
+    "position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    "use_cache", "output_attentions", "past_key_values", "cache", "layer_idx", "is_causal", "position_embeddings",
+    "token_type_ids", "kwargs", "return_dict", "head_mask", "output_hidden_states", "seq_idx", "target_dtype",
+    "implementation", "output_router_logits",
+})
+# Keyword arguments longattn's attention function honours itself (see patching.longattn_attention).
+HANDLED_KWARGS = frozenset({"dropout", "scaling", "sliding_window", "softcap", "s_aux"})
+
+
+@functools.lru_cache(maxsize=None)
+def calls_attention_interface(cls: type) -> bool:
+    """Whether a module class dispatches to transformers' AttentionInterface (read from its source once)."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if "ALL_ATTENTION_FUNCTIONS" in src:
+            return True
+    return False
+
+
+def is_cross_attention(name: str, module: nn.Module) -> bool:
+    """Cross-attention (to an encoder's states) in a decoder: not causal self-attention, left untouched."""
+    leaf = name.rsplit(".", 1)[-1].lower()
+    return bool(getattr(module, "is_cross_attention", False)) or "cross" in leaf or leaf == "encoder_attn" or \
+        "cross" in type(module).__name__.lower()
+
+
+def interface_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module that calls the attention interface and knows its layer index."""
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "layer_idx") and calls_attention_interface(type(m))]
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The softmax self-attention modules, ordered by their true layer index (hybrid models leave gaps)."""
+    mods = [m for n, m in interface_modules(model) if not is_cross_attention(n, m)]
+    return sorted(mods, key=lambda m: (m.layer_idx is None, m.layer_idx or 0))
+
+
+def cross_attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for n, m in interface_modules(model) if is_cross_attention(n, m)]
+
+
+def num_layers(model) -> int:
+    """Decoder layers of the model (attention or not): what a layer index counts."""
+    cfg = model.config.get_text_config(decoder=True)
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "decoder_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    mods = attention_modules(model)
+    return 1 + max(m.layer_idx for m in mods) if mods else 0
+
+
+def eager_function(module: nn.Module):
+    """The eager attention function of the module's own modeling file (Gemma2's soft-caps, gpt-oss adds its
+    learned sinks, ...)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def rotary_inv_freq(model, layer_idx: int) -> torch.Tensor:
+    """The RoPE inverse frequencies layer `layer_idx` rotates its keys with. Models with one table per layer type
+    (Gemma 3: local and global) keep `{layer_type}_inv_freq` buffers on one rotary module."""
+    cfg = model.config.get_text_config(decoder=True)
+    layer_types = getattr(cfg, "layer_types", None)
+    layer_type = layer_types[layer_idx] if layer_types and layer_idx < len(layer_types) else None
+    for module in model.modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        if layer_type is not None and hasattr(module, f"{layer_type}_inv_freq"):
+            return getattr(module, f"{layer_type}_inv_freq").detach().float().clone()
+        if hasattr(module, "inv_freq"):
+            return module.inv_freq.detach().float().clone()
+    from ..patching import UnsupportedModelError
+
+    raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding table longattn can read for "
+                                f"layer {layer_idx}: shifting kept keys to cache positions needs RoPE; use "
+                                f"shift_positions=False")

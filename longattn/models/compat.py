@@ -1,0 +1,192 @@
+"""The four checks every architecture must pass to be called supported (or be refused with a clear error).
+
+1. ``dense``: patched ``dense`` equals the unpatched model (left-padded batch, 1e-5), and ``unpatch`` gives the
+   unpatched logits back bit for bit.
+2. ``window``: ``sink_window`` equals a reference written here: the model's own eager attention function, given
+   the model's own eager mask with every pair outside "first real sinks + recent window" set to -inf.
+3. ``generate``: greedy ``generate`` on the left-padded batch, patched ``dense`` vs unpatched: same tokens, scores
+   within 1e-4.
+4. ``kv_budget``: ``snapkv`` with a budget: every attention layer of the cache generate returns holds at most
+   the budget, the model's other cache layers (SSM, conv, linear attention) are still there, and the first new
+   token (computed before any eviction) is the unpatched model's.
+
+Each check returns "pass", "refused: <reason>" (an UnsupportedModelError), "n/a: <why>" (nothing to check on
+this tiny model) or "FAIL: <what went wrong>".
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch
+
+SINK_TOKENS, WINDOW, KV_BUDGET = 2, 6, 10
+CHECKS = ("dense", "window", "generate", "kv_budget")
+REFERENCE_NAME = "longattn_compat_reference"
+
+
+def padded_batch(vocab: int, length: int = 24, pad: int = 5, seed: int = 0):
+    """Two sequences, the second left-padded by `pad` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, 100), (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    ids[1, :pad] = 0
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+def sink_window_allowed(mask2d: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """[B, 1, Q, K] bool: key j is within the last WINDOW positions of query i, or one of the row's first
+    SINK_TOKENS real tokens (positions are cache indices, pads included), written as plain loops."""
+    b = mask2d.shape[0]
+    first = [int(row.nonzero()[0]) if row.any() else 0 for row in mask2d]
+    out = torch.zeros(b, 1, q_len, kv_len, dtype=torch.bool)
+    for r in range(b):
+        for i in range(q_len):
+            qi = kv_len - q_len + i
+            for j in range(kv_len):
+                out[r, 0, i, j] = j <= qi and (qi - j < WINDOW or first[r] <= j < first[r] + SINK_TOKENS)
+    return out
+
+
+_reference_mask2d: list = [None]
+
+
+def _reference_attention(module, query, key, value, attention_mask, **kwargs):
+    """The module's own eager attention over its eager mask restricted to the sink + window pattern."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if getattr(module, "_compat_cross", False):  # cross-attention is not what a window method changes
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    allowed = sink_window_allowed(_reference_mask2d[0], query.shape[2], key.shape[2]).to(query.device)
+    neg = torch.finfo(query.dtype).min
+    if attention_mask is None:
+        attention_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+    attention_mask = attention_mask[..., : key.shape[2]].masked_fill(~allowed, neg)
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_reference() -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(REFERENCE_NAME, _reference_attention)
+    AttentionMaskInterface.register(REFERENCE_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def _logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _close(a, b, atol, real) -> str | None:
+    diff = (a[real] - b[real]).abs().max().item()
+    return None if diff <= atol else f"max |diff| {diff:.3g} > {atol:g}"
+
+
+def check_dense(model, ids, mask) -> str:
+    import longattn
+
+    real = mask.bool()
+    ref = _logits(model, ids, mask)
+    longattn.patch(model, "dense")
+    got = _logits(model, ids, mask)
+    longattn.unpatch(model)
+    again = _logits(model, ids, mask)
+    bad = _close(got, ref, 1e-5, real)
+    if bad:
+        return f"FAIL: dense vs unpatched: {bad}"
+    if not torch.equal(again, ref):
+        return "FAIL: unpatch did not restore the unpatched logits bit for bit"
+    return "pass"
+
+
+def check_window(model, ids, mask) -> str:
+    import longattn
+
+    from . import cross_attention_modules
+
+    _register_reference()
+    for m in cross_attention_modules(model):
+        m._compat_cross = True
+    original = model.config._attn_implementation
+    _reference_mask2d[0] = mask
+    try:
+        model.set_attn_implementation(REFERENCE_NAME)
+        ref = _logits(model, ids, mask)
+    finally:
+        model.set_attn_implementation(original)
+    with longattn.patched(model, "sink_window", sink_tokens=SINK_TOKENS, window=WINDOW):
+        got = _logits(model, ids, mask)
+    dense = _logits(model, ids, mask)
+    if (ref - dense)[mask.bool()].abs().max() < 1e-6:
+        return "FAIL: the reference window changed nothing (the test cannot tell)"
+    bad = _close(got, ref, 1e-4, mask.bool())
+    return f"FAIL: sink_window vs explicit-mask reference: {bad}" if bad else "pass"
+
+
+def _generate(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                              return_dict_in_generate=True, output_scores=True, pad_token_id=0, **kw)
+
+
+def check_generate(model, ids, mask) -> str:
+    import longattn
+
+    ref = _generate(model, ids, mask)
+    with longattn.patched(model, "dense"):
+        got = _generate(model, ids, mask)
+    if not torch.equal(got.sequences, ref.sequences):
+        return "FAIL: patched dense generated other tokens than the unpatched model"
+    diff = max((a - b).abs().max().item() for a, b in zip(got.scores, ref.scores))
+    return "pass" if diff <= 1e-4 else f"FAIL: generate scores differ by {diff:.3g}"
+
+
+def check_kv_budget(model, ids, mask) -> str:
+    import longattn
+    from longattn.kvcache.cache import CompressedCache
+
+    ref = _generate(model, ids, mask)
+    with longattn.patched(model, "snapkv", kv_budget=KV_BUDGET, window=4, kernel_size=3):
+        got = _generate(model, ids, mask)
+    cache = got.past_key_values
+    if cache is None and ref.past_key_values is None:
+        return "n/a: the model generates without a cache here, so there is nothing to compress"
+    compressed = cache if isinstance(cache, CompressedCache) else getattr(cache, "_longattn_compressed", None)
+    if compressed is None:
+        return f"FAIL: generate returned a {type(cache).__name__}, no compressed cache (the budget is not held)"
+    sizes = compressed.attention_entry_counts()
+    if not sizes:
+        return "FAIL: the compressed cache holds no attention layer"
+    if max(sizes) > KV_BUDGET:
+        return f"FAIL: an attention layer holds {max(sizes)} entries > budget {KV_BUDGET}"
+    if not torch.equal(got.sequences[:, ids.shape[1]], ref.sequences[:, ids.shape[1]]):
+        return "FAIL: the first new token (before any eviction) differs from the unpatched model's"
+    return "pass"
+
+
+def run_checks(model_type: str, checks=CHECKS) -> dict[str, str]:
+    """Build the tiny model for `model_type` once per check and run the checks; never raises."""
+    from ..patching import UnsupportedModelError
+    from .tiny import tiny_model
+
+    results = {}
+    for name in checks:
+        try:
+            model = tiny_model(model_type)
+        except Exception as e:  # noqa: BLE001 - reported, not hidden
+            return {"build": f"cannot build a tiny model: {type(e).__name__}: {_short(e)}"}
+        ids, mask = padded_batch(model.config.get_text_config().vocab_size)
+        try:
+            results[name] = globals()[f"check_{name}"](model, ids, mask)
+        except UnsupportedModelError as e:
+            results[name] = f"refused: {_short(e)}"
+        except Exception as e:  # noqa: BLE001
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            results[name] = f"FAIL: {type(e).__name__}: {_short(e)} ({where.filename.split('/')[-1]}:{where.lineno})"
+    return results
+
+
+def _short(e: Exception, n: int = 300) -> str:
+    s = " ".join(str(e).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
