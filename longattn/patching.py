@@ -20,11 +20,10 @@ from torch import nn
 from .kernels.masks import AttentionMask, full
 from .methods import METHODS, AttendCall, AttentionMethod, make_method
 from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_modules, cross_attention_modules, eager_function,
-                     num_layers)
+                     num_layers, own_sparse_layers)
 from .recipes import find_recipe, load_recipe, recipe_names
 
 ATTN_NAME = "longattn"
-TESTED_ARCHITECTURES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Phi3", "Olmo2")
 _LAYER_ATTR = "_longattn_method"  # set on each patched attention module
 _ORIG_ATTR = "_longattn_original"  # the model's original attention implementation name, on every module
 _METER_ATTR = "_longattn_meter"  # the model's DensityMeter, on every module
@@ -98,6 +97,36 @@ class HFMask(AttentionMask):
 
     def __getitem__(self, index):
         return self.as_model_expects()[index]
+
+    @property
+    def dtype(self):
+        return self.as_model_expects().dtype
+
+    @property
+    def shape(self):
+        return self.as_model_expects().shape
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        def real(x):
+            return x.as_model_expects() if isinstance(x, HFMask) else x
+
+        return func(*tree_map(real, args), **tree_map(real, kwargs or {}))
+
+    def __and__(self, other):
+        return self.as_model_expects() & other
+
+    __rand__ = __and__
+
+    def __or__(self, other):
+        return self.as_model_expects() | other
+
+    __ror__ = __or__
+
+    def __invert__(self):
+        return ~self.as_model_expects()
 
 
 def _mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -207,6 +236,11 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
                                                 sliding_window=sliding_window, softcap=softcap, **kwargs)
     if isinstance(attention_mask, AttentionMask):
         mask = attention_mask
+        if mask.kv_len != key.shape[2] or mask.q_len != query.shape[2]:
+            raise UnsupportedModelError(
+                f"longattn: {type(module).__name__} attends {query.shape[2]} queries over {key.shape[2]} keys, but "
+                f"its mask describes {mask.q_len} x {mask.kv_len} (the model adds keys of its own, e.g. compressed "
+                f"tokens); refusing rather than misplacing the pattern")
     elif isinstance(attention_mask, torch.Tensor):
         mask = AttentionMask.from_tensor(attention_mask)
     elif getattr(module, "is_causal", True):
@@ -261,12 +295,16 @@ def _check_supported(model) -> list[nn.Module]:
         why = "no softmax self-attention layer on transformers' AttentionInterface was found"
     if why is None and any(m.layer_idx is None for m in mods):
         why = "its attention modules do not know their layer index"
+    if why is None and len({m.layer_idx for m in mods}) != len(mods):
+        why = ("several stacks of attention layers share layer indices (e.g. byte-level local and global "
+               "transformers), so a layer index and a token position do not name one thing")
     if why is None and not all(getattr(m, "is_causal", False) is True for m in mods):
         why = "its self-attention is not causal (an encoder, or a decoder built without is_decoder=True)"
     if why:
         raise UnsupportedModelError(
-            f"longattn cannot patch {name}: {why}. Supported: decoder-only causal LMs whose attention goes "
-            f"through transformers' AttentionInterface (tested: {', '.join(TESTED_ARCHITECTURES)})")
+            f"longattn cannot patch {name}: {why}. Supported: causal LMs whose softmax self-attention goes "
+            f"through transformers' AttentionInterface; every architecture of transformers is checked in "
+            f"evals/results/compatibility.md")
     return mods
 
 
@@ -350,6 +388,11 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
     spec, recipe_layers, policy = resolve_kv_cache(method, kv_cache, params)
     attention_layers = tuple(m.layer_idx for m in mods)
     chosen = _resolve_layers(recipe_layers if layers is None else layers, attention_layers, num_layers(model))
+    own = {i: t for i, t in own_sparse_layers(model).items() if i in chosen}
+    if own and spec.name != "dense":
+        raise UnsupportedModelError(
+            f"longattn: {type(model).__name__}'s layers {sorted(own)} are {sorted(set(own.values()))}: they choose "
+            f"their own keys, and {spec.name!r} cannot be composed with that exactly; leave them out with layers=")
     sp = None
     if sequence_parallel is not None:  # a SequenceParallel, ProcessGroup or group size (longattn.parallel)
         from .parallel.hf import sequence_parallel_for

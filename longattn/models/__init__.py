@@ -99,3 +99,14 @@ def rotary_inv_freq(model, layer_idx: int) -> torch.Tensor:
     raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding table longattn can read for "
                                 f"layer {layer_idx}: shifting kept keys to cache positions needs RoPE; use "
                                 f"shift_positions=False")
+
+
+# Layer types whose attention already selects its own keys (indexer top-k, compressed tokens): only exact dense
+# pass-through composes with them; another pattern on top would not be the method the user asked for.
+OWN_SPARSE_LAYER_TYPES = ("indexed_attention", "heavily_compressed_attention", "compressed_sparse_attention")
+
+
+def own_sparse_layers(model) -> dict[int, str]:
+    """{layer index: layer type} of the layers whose attention is sparse by the model's own design."""
+    types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
+    return {i: t for i, t in enumerate(types) if t in OWN_SPARSE_LAYER_TYPES}

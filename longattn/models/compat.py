@@ -130,10 +130,21 @@ def _generate(model, ids, mask, **kw):
                               return_dict_in_generate=True, output_scores=True, pad_token_id=0, **kw)
 
 
+class ReferenceFailed(Exception):
+    """The unpatched model itself cannot run this check (nothing longattn could be compared with)."""
+
+
+def _reference_generate(model, ids, mask):
+    try:
+        return _generate(model, ids, mask)
+    except Exception as e:  # noqa: BLE001 - reported as n/a by run_checks
+        raise ReferenceFailed(f"the unpatched model's generate fails here: {type(e).__name__}: {_short(e, 120)}")
+
+
 def check_generate(model, ids, mask) -> str:
     import longattn
 
-    ref = _generate(model, ids, mask)
+    ref = _reference_generate(model, ids, mask)
     with longattn.patched(model, "dense"):
         got = _generate(model, ids, mask)
     if not torch.equal(got.sequences, ref.sequences):
@@ -146,7 +157,7 @@ def check_kv_budget(model, ids, mask) -> str:
     import longattn
     from longattn.kvcache.cache import CompressedCache
 
-    ref = _generate(model, ids, mask)
+    ref = _reference_generate(model, ids, mask)
     with longattn.patched(model, "snapkv", kv_budget=KV_BUDGET, window=4, kernel_size=3):
         got = _generate(model, ids, mask)
     cache = got.past_key_values
@@ -178,7 +189,13 @@ def run_checks(model_type: str, checks=CHECKS) -> dict[str, str]:
             return {"build": f"cannot build a tiny model: {type(e).__name__}: {_short(e)}"}
         ids, mask = padded_batch(model.config.get_text_config().vocab_size)
         try:
+            _logits(model, ids, mask)
+        except Exception as e:  # noqa: BLE001
+            return {"build": f"the unpatched tiny model cannot run a forward: {type(e).__name__}: {_short(e)}"}
+        try:
             results[name] = globals()[f"check_{name}"](model, ids, mask)
+        except ReferenceFailed as e:
+            results[name] = f"n/a: {e}"
         except UnsupportedModelError as e:
             results[name] = f"refused: {_short(e)}"
         except Exception as e:  # noqa: BLE001
