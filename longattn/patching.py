@@ -27,8 +27,8 @@ ATTN_NAME = "longattn"
 _LAYER_ATTR = "_longattn_method"  # set on each patched attention module
 _ORIG_ATTR = "_longattn_original"  # the model's original attention implementation name, on every module
 _METER_ATTR = "_longattn_meter"  # the model's DensityMeter, on every module
-_SP_ATTR = "_longattn_sp"
-_CONFIG_ORIG_ATTR = "_longattn_original_impl"  # on the patched model's configs: what HFMask materializes for it  # a longattn.parallel SequenceParallel, on each patched module when attention is sharded
+_SP_ATTR = "_longattn_sp"  # a longattn.parallel SequenceParallel, on each patched module when attention is sharded
+_CONFIG_ORIG_ATTR = "_longattn_original_impl"  # on the patched model's configs: what HFMask materializes for it
 
 
 class UnsupportedModelError(ValueError):
@@ -87,13 +87,15 @@ class HFMask(AttentionMask):
     def as_model_expects(self) -> torch.Tensor:
         """The tensor the model's original implementation would have received (for models that read the mask
         themselves, e.g. DeepSeek-V3.2's indexer slicing it); built once, only when a model asks."""
-        impl = getattr(self.hf_kwargs.get("config"), _CONFIG_ORIG_ATTR, None) or "sdpa"
-        mask = self.for_implementation(impl)
-        if mask is None:  # the original implementation would have relied on is_causal: materialize it
-            from transformers.masking_utils import sdpa_mask
+        if "model_expects" not in self._cache:
+            impl = getattr(self.hf_kwargs.get("config"), _CONFIG_ORIG_ATTR, None) or "sdpa"
+            mask = self.for_implementation(impl)
+            if mask is None:  # the original implementation would have relied on is_causal: materialize it
+                from transformers.masking_utils import sdpa_mask
 
-            mask = sdpa_mask(**{**self.hf_kwargs, "allow_is_causal_skip": False})
-        return mask
+                mask = sdpa_mask(**{**self.hf_kwargs, "allow_is_causal_skip": False})
+            self._cache["model_expects"] = mask
+        return self._cache["model_expects"]
 
     def __getitem__(self, index):
         return self.as_model_expects()[index]

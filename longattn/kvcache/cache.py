@@ -324,11 +324,6 @@ def install_cache_hook(model, policy: KVPolicy):
             cache = kwargs[name] = CompressedCache(policy, model, base=cache)
         elif cache is None and kwargs.get("use_cache") is True:
             cache = kwargs[name] = CompressedCache(policy, model)
-        elif cache is not None and not isinstance(cache, CompressedCache) and cache.get_seq_length() == 0:
-            raise _unsupported(f"longattn KV policy {policy.name!r}: {type(model).__name__} made a "
-                               f"{type(cache).__name__}, not transformers' DynamicCache, so its attention layers "
-                               f"cannot be compressed; pass cache=CompressedCache(policy, model) if its layers are "
-                               f"plain attention layers")
         clear_pending()
         if isinstance(cache, CompressedCache):
             x = kwargs.get("input_ids")
