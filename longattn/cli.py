@@ -8,18 +8,20 @@ from pathlib import Path
 
 DEMO_SWEEP = {
     "name": "demo",
-    "description": "Dense vs sliding windows on the embedded reference model: retrieval beyond the window.",
-    "model": "reference", "seed": 0, "samples": 8, "batch_size": 8,
-    "lengths": [1024, 2048, 4096], "tasks": ["passkey", "niah_single"], "filler": "grass",
-    "methods": [{"method": "dense"}, {"method": "sliding_window", "grid": {"window": [256, 512, 1024]}}],
+    "description": "Both faces of sparsity on one model: perplexity with and without attention sinks, and pass-key "
+                   "retrieval inside vs beyond a sliding window.",
+    "seed": 0, "samples": 6, "batch_size": 1, "lengths": [2048], "tasks": ["passkey"], "filler": "grass",
+    "methods": [{"method": "dense"}, {"method": "sliding_window", "grid": {"window": [256, 1024]}},
+                {"method": "sink_window", "params": {"sink_tokens": 4}, "grid": {"window": [252]}}],
+    "perplexity": {"text": "licenses", "lengths": [2048], "tokens": 4096, "stride": 1024},
 }
 
 
-def _parse_params(pairs: list[str]) -> dict:
+def _parse_params(pairs: list[str], flag: str = "--param") -> dict:
     params = {}
     for item in pairs or []:
         if "=" not in item:
-            raise SystemExit(f"--param expects NAME=VALUE, got {item!r}")
+            raise SystemExit(f"{flag} expects NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             params[k] = json.loads(v)
@@ -51,48 +53,98 @@ def _cmd_methods(args) -> int:
     return 0
 
 
-def _append(out: Path | None, records: list[dict]) -> None:
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        print(f"appended {len(records)} record(s) to {out}")
+def _model_setup(args) -> None:
+    """Checks of --model / --dtype / --device and the thread count, before anything loads."""
+    import torch
+
+    from .pretrained import check_model_spec, resolve_device, resolve_dtype
+
+    if getattr(args, "model", None) is not None:
+        check_model_spec(args.model)
+    if getattr(args, "dtype", None) is not None:
+        resolve_dtype(args.dtype)
+    args.device = resolve_device(getattr(args, "device", None))
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
 
-def _cmd_eval_perplexity(args) -> int:
-    from .evals.runner import Cell, Resources, run_cell
-    from .evals.sweep import load_model
+def _check_cells(cells) -> None:
+    """Every cell's method, parameters, task and inputs, checked before the model loads."""
+    from .evals.tasks import load_filler, make_task
+    from .patching import resolve_kv_cache
 
-    model, tok, name = load_model(args.model)
-    resources = Resources(tok)
-    records = []
-    for ctx in _ints(args.context):
-        cell = Cell("perplexity", args.patch, ctx, _parse_params(args.param), args.layers, text=args.text,
-                    tokens=args.tokens, stride=args.stride)
-        r = run_cell(model, tok, cell, name, resources)
-        print(f"{args.patch} context={ctx} stride={args.stride or ctx // 2}: perplexity {r['perplexity']:.3f} "
+    for c in cells:
+        params = {k: v for k, v in c.params.items() if k != "kv_cache"}
+        resolve_kv_cache(c.method, c.params.get("kv_cache"), params)
+        if c.kind == "task":
+            make_task(c.task, **c.task_params)
+            if c.filler not in ("grass", "python-doc"):
+                load_filler(c.filler)
+        elif c.text not in ("licenses", "python-doc", "linux-doc-heldout") and not Path(c.text).exists() \
+                and c.text.endswith((".txt", ".jsonl", ".json", ".parquet")):
+            raise FileNotFoundError(f"--text {c.text}: no such file")
+
+
+def _print_cell(r: dict) -> None:
+    if r["kind"] == "perplexity":
+        print(f"{r['method']} {r['params'] or ''} context={r['length']}: perplexity {r['perplexity']:.3f} "
               f"({r['scored_tokens']} tokens, density {r['density_prefill']:.3f}, {r['wall_s']:.1f}s)")
-        records.append(r)
-    _append(args.out, records)
+    else:
+        lo, hi = r["score_ci95"]
+        print(f"{r['task']} @ {r['length']} with {r['method']} {r['params'] or ''}: {r['metric']} {r['score']:.3f} "
+              f"(95% CI {lo:.2f}-{hi:.2f}, n={r['n']}, prefill density {r['density_prefill']:.3f}, "
+              f"{r['wall_s']:.1f}s)")
+
+
+def _run_eval(args, cells) -> int:
+    from .evals.sweep import run_cells
+
+    _check_cells(cells)
+    _model_setup(args)
+    if args.out is None:
+        print("longattn: no --out given: records are not kept (a run with --out resumes after a kill)")
+    run_cells(cells, args.out, args.model, args.dtype, args.device, getattr(args, "batch_size", 1),
+              echo=_print_cell)
+    if args.out:
+        print(f"records in {args.out}; `longattn report {args.out}` draws the tables and plots")
     return 0
 
 
-def _cmd_eval_tasks(args) -> int:
-    from .evals.runner import Cell, Resources, run_cell
-    from .evals.sweep import load_model
+def _cmd_eval_perplexity(args) -> int:
+    from .evals.runner import Cell
 
-    model, tok, name = load_model(args.model)
-    resources = Resources(tok)
-    records = []
-    for task in args.tasks.split(","):
-        for length in _ints(args.lengths):
-            cell = Cell("task", args.patch, length, _parse_params(args.param), args.layers, task, {}, args.samples,
-                        args.seed, args.filler)
-            r = run_cell(model, tok, cell, name, resources, args.batch_size)
-            print(f"{task} @ {length} with {args.patch}: {r['metric']} {r['score']:.3f} "
-                  f"(density {r['density_prefill']:.3f}, {r['wall_s']:.1f}s)")
-            records.append(r)
-    _append(args.out, records)
+    params = _parse_params(args.param)
+    cells = [Cell("perplexity", args.patch, ctx, params, args.layers, text=args.text, tokens=args.tokens,
+                  stride=args.stride) for ctx in _ints(args.context)]
+    return _run_eval(args, cells)
+
+
+def _cmd_eval_tasks(args) -> int:
+    from .evals.runner import Cell
+
+    params, task_params = _parse_params(args.param), _parse_params(args.task_param, "--task-param")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    cells = [Cell("task", args.patch, length, params, args.layers, task, task_params, args.samples, args.seed,
+                  args.filler, chat=args.chat)
+             for task in args.tasks.split(",") for length in _ints(args.lengths)]
+    return _run_eval(args, cells)
+
+
+def _cmd_models(args) -> int:
+    from .pretrained import describe_models
+
+    for m in describe_models():
+        if m["name"] == "reference":
+            state = "shipped in the package" if m["installed"] else "missing from this checkout"
+        elif m["installed"]:
+            state = "installed, " + ("converted (cached)" if m["converted"] else "converted to safetensors on first load")
+        else:
+            state = f"not installed: {m['install']}"
+        print(f"{m['name']:22s} {m['parameters']:>5s} parameters, {m['context']:>6,d}-token context, "
+              f"{m['licence']}\n{'':22s} {m['summary']}\n{'':22s} {state}")
     return 0
 
 
@@ -101,8 +153,11 @@ def _cmd_sweep(args) -> int:
     from .evals.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.file)
+    if args.model is not None:
+        sweep.model = args.model
+    _model_setup(args)
     out = args.out or Path("evals/results") / sweep.name / "results.jsonl"
-    records = run_sweep(sweep, out, dry_run=args.dry_run)
+    records = run_sweep(sweep, out, dry_run=args.dry_run, dtype=args.dtype, device=args.device)
     if not args.dry_run:
         print(markdown_table([r for r in records if r.get("sweep") == sweep.name]))
         for p in write_report(records, args.report_dir or out.parent, title=sweep.name):
@@ -124,18 +179,45 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    import time
+
     from .evals.report import markdown_table, write_report
     from .evals.sweep import run_sweep, sweep_from_config
+    from .pretrained import load_model
 
-    cfg = dict(DEMO_SWEEP, samples=args.samples)
+    _model_setup(args)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    chat = bool(getattr(tok, "chat_template", None)) if args.chat is None else args.chat
+    cfg = dict(DEMO_SWEEP, samples=args.samples, model=args.model, dtype=args.dtype, chat=chat)
     sweep = sweep_from_config(cfg, "demo")
     out = args.out_dir / "results.jsonl"
-    print(f"longattn demo: {len(sweep.cells)} cells on the embedded reference model -> {args.out_dir}/")
-    records = run_sweep(sweep, out)
+    print(f"longattn demo: {len(sweep.cells)} cells on {args.model} ({args.dtype}, {args.device}"
+          f"{', chat prompts' if chat else ''}) -> {args.out_dir}/")
+    records = run_sweep(sweep, out, model_and_tokenizer=(model, tok), dtype=args.dtype, device=args.device)
     print(markdown_table(records))
-    for p in write_report(records, args.out_dir, title="longattn demo (reference model)"):
+    print(_demo_story(records))
+    for p in write_report(records, args.out_dir, title=f"longattn demo ({args.model})"):
         print(f"wrote {p}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def _demo_story(records: list[dict]) -> str:
+    """The two findings the demo exists to show, in words, from its own records."""
+    from .evals.report import config_label
+
+    cells = [r for r in records if r.get("record", "cell") == "cell"]
+    lines = ["", "Perplexity (every token scored once, 2048-token windows):"]
+    for r in sorted((r for r in cells if r["kind"] == "perplexity"), key=lambda r: r["perplexity"]):
+        lines.append(f"  {config_label(r):42s} {r['perplexity']:7.2f}   (attention density {r['density_prefill']:.2f})")
+    lines.append("Pass key by needle depth (0 = start of the context, 1 = its end), found / missed:")
+    samples = [r for r in records if r.get("record") == "sample"]
+    for r in (r for r in cells if r["kind"] == "task"):
+        mine = sorted((s for s in samples if s["cell"] == r["cell"]), key=lambda s: s["depth"])
+        marks = " ".join(f"{s['depth']:.1f}:{'found' if s['score'] else 'miss'}" for s in mine)
+        lines.append(f"  {config_label(r):42s} {r['score']:.2f}  {marks}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,11 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("methods", help="list attention methods, their parameters and papers").set_defaults(
         func=_cmd_methods)
+    sub.add_parser("models", help="models loadable by name: licence, size, context, installed or not").set_defaults(
+        func=_cmd_models)
 
     ev = sub.add_parser("eval", help="evaluate a (patched) model").add_subparsers(dest="what", metavar="WHAT")
 
+    def model_args(p, default="reference"):
+        p.add_argument("--model", default=default, help="a name from `longattn models` "
+                       "(reference, smollm2-135m-instruct, gemma3-270m) or a HF model folder")
+        p.add_argument("--dtype", default=None if default is None else "float32",
+                       choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (cuda when available)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
     def common(p):
-        p.add_argument("--model", default="reference", help="'reference' or a HF model folder")
+        model_args(p)
         p.add_argument("--patch", default="dense", help="method name or recipe (name or .toml path)")
         p.add_argument("--param", action="append", metavar="NAME=VALUE", help="method parameter (repeatable)")
         p.add_argument("--layers", default=None, help="layers to patch: 'all', '2:' or '0,1'")
@@ -160,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--context", default="2048", help="context length(s), comma-separated for a curve")
     p.add_argument("--stride", type=int, default=None, help="default: half the context")
-    p.add_argument("--text", default="python-doc", help="python-doc, linux-doc-heldout, a .txt/.jsonl/.parquet "
-                                                        "file, or a datasets name")
+    p.add_argument("--text", default="licenses", help="licenses, python-doc, linux-doc-heldout, a .txt/.jsonl/"
+                                                      ".parquet file, or a datasets name")
     p.add_argument("--tokens", type=int, default=16384, help="score the first N tokens of the text")
     p.set_defaults(func=_cmd_eval_perplexity)
 
@@ -172,11 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--filler", default="grass", help="grass, python-doc or a text file")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    p.add_argument("--task-param", action="append", metavar="NAME=VALUE",
+                   help="task parameter, e.g. path=qa.jsonl for longbench, needles=8 (repeatable)")
     p.set_defaults(func=_cmd_eval_tasks)
 
     p = sub.add_parser("sweep", help="run a sweep file (resumes; --dry-run lists the cells)")
     p.add_argument("file", type=Path)
+    model_args(p, default=None)
     p.add_argument("--out", type=Path, default=None, help="results JSONL (default evals/results/NAME/results.jsonl)")
     p.add_argument("--report-dir", type=Path, default=None)
     p.add_argument("--dry-run", action="store_true")
@@ -188,9 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None)
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("demo", help="the main job: a small sweep on the embedded reference model")
+    p = sub.add_parser("demo", help="the main job: perplexity with and without sinks, retrieval inside and beyond "
+                                    "a window, on SmolLM2 (about 4 minutes on 2 cores)")
+    model_args(p, default="smollm2-135m-instruct")
     p.add_argument("--out-dir", type=Path, default=Path("longattn-demo"))
-    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="chat-template prompts (default: when the tokenizer has a template)")
     p.set_defaults(func=_cmd_demo)
     return ap
 
@@ -201,9 +301,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         ap.print_help()
         return 0
-    if args.command == "eval" and args.layers and "," in args.layers:
-        args.layers = [int(x) for x in args.layers.split(",")]
     try:
+        if args.command == "eval" and args.layers and ":" not in args.layers and args.layers != "all":
+            args.layers = _ints(args.layers)
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"longattn: error: {e}", file=sys.stderr)

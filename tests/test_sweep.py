@@ -1,4 +1,5 @@
 """Sweeps: validation, dry run, a real SIGKILL mid-sweep then resume (no lost or repeated cell), reports."""
+import json
 import signal
 import subprocess
 import sys
@@ -69,18 +70,44 @@ def test_killed_sweep_resumes_without_losing_or_repeating(sweep_setup, tmp_path)
         f.write('{"cell": "torn')  # as if killed in the middle of writing a line
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     after = read_results(results)
-    keys = [r["cell"] for r in after]
+    keys = [r["cell"] for r in after if r["record"] == "cell"]
     assert len(keys) == 15 and len(set(keys)) == 15  # every cell exactly once
-    assert after[:len(before)] == before  # finished cells were kept, not redone
+    prompts = [(r["cell"], r["index"]) for r in after if r["record"] == "sample"]
+    assert len(prompts) == 12 * 2 and len(set(prompts)) == len(prompts)  # every prompt of the 12 task cells once
+    assert after[:len(before)] == before  # finished work was kept, not redone
     assert {c.key() for c in load_sweep(path).cells} == set(keys)
+
+
+def test_cell_killed_mid_way_resumes_from_its_prompts(sweep_setup, tmp_path):
+    """Prompts recorded before a kill are kept and not run again; the resumed cell equals an uninterrupted one."""
+    from longattn.evals.runner import Cell
+    from longattn.evals.sweep import run_cells
+
+    _, model, tok = sweep_setup
+    cell = Cell("task", "sliding_window", 256, {"window": 32}, task="passkey", samples=4)
+    whole = run_cells([cell], tmp_path / "whole.jsonl", "tiny", model_and_tokenizer=(model, tok), batch_size=1,
+                      progress=False)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(json.dumps(r) + "\n" for r in whole[:2]) + '{"record": "sample", "ce')  # killed mid-line
+    resumed = run_cells([cell], cut, "tiny", model_and_tokenizer=(model, tok), batch_size=1, progress=False)
+    assert resumed[:2] == whole[:2]  # the finished prompts, untouched
+    assert [r["index"] for r in resumed if r["record"] == "sample"] == [0, 1, 2, 3]
+    final, reference = resumed[-1], whole[-1]
+    assert final["record"] == "cell" and final["resumed_samples"] == 2 and reference["resumed_samples"] == 0
+    for key in ("score", "score_ci95", "n", "density_prefill", "kv_cache_bytes", "predictions", "prompt_tokens"):
+        assert final[key] == reference[key], key
+    with pytest.raises(ValueError, match="holds results of model tiny in torch.float32; this run is tiny in "
+                                         "torch.bfloat16"):
+        run_cells([cell], cut, "tiny", dtype="bfloat16", model_and_tokenizer=(model, tok), progress=False)
 
 
 def test_records_and_report(sweep_setup, tmp_path):
     path, model, tok = sweep_setup
     sweep = load_sweep(path)
     sweep.cells = [c for c in sweep.cells if c.length in (320, 32)]
-    records = run_sweep(sweep, tmp_path / "r.jsonl", model_and_tokenizer=(model, tok, "tiny"), progress=False)
-    assert len(records) == 9
+    everything = run_sweep(sweep, tmp_path / "r.jsonl", model_and_tokenizer=(model, tok, "tiny"), progress=False)
+    records = [r for r in everything if r["record"] == "cell"]
+    assert len(records) == 9 and len(everything) == 9 + 6 * 2  # and 2 prompt records per task cell
     for r in records:
         for key in ("score", "density", "wall_s", "tokens_per_s", "peak_mem_bytes", "method", "params", "length",
                     "phase", "model", "seed", "versions"):
@@ -157,6 +184,7 @@ def test_kv_policies_in_a_sweep(sweep_setup, tmp_path):
     assert [c.kind for c in sweep.cells].count("perplexity") == 1  # dense only
     sweep.cells = [c for c in sweep.cells if c.kind == "task"]
     records = run_sweep(sweep, tmp_path / "kv.jsonl", model_and_tokenizer=(model, tok, "tiny"), progress=False)
+    records = [r for r in records if r["record"] == "cell"]
     per_token = 2 * 3 * 2 * 16 * 4  # keys + values, layers, KV heads, head dim, fp32 (per sample)
     by = {(r["method"], r["params"].get("kv_budget")): r["kv_cache_bytes"] for r in records}
     assert by["snapkv", 32] == 32 * per_token and by["snapkv", 64] == 64 * per_token

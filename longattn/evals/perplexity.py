@@ -26,11 +26,17 @@ class PerplexityResult:
 
 @torch.no_grad()
 def sliding_window_perplexity(model, input_ids: torch.Tensor, context: int, stride: int | None = None,
-                              progress: bool = False) -> PerplexityResult:
-    """Perplexity of a 1-D token sequence under `model` with windows of `context` tokens every `stride`."""
+                              progress: bool = False, bos: list[int] | tuple = ()) -> PerplexityResult:
+    """Perplexity of a 1-D token sequence under `model` with windows of `context` tokens every `stride`.
+
+    `bos`: tokens that lead every window (the model's BOS, for models such as Gemma that expect one), counted in
+    the window's `context` tokens and never scored; a window's first text token is then scored too.
+    """
     stride = context if stride is None else stride
-    if context < 2 or not 1 <= stride <= context:
-        raise ValueError(f"need context >= 2 and 1 <= stride <= context, got context={context}, stride={stride}")
+    lead = torch.tensor(list(bos), dtype=torch.long)
+    if context - len(lead) < 2 or not 1 <= stride <= context - len(lead):
+        raise ValueError(f"need context >= 2 and 1 <= stride <= context - BOS tokens ({len(lead)}), got "
+                         f"context={context}, stride={stride}")
     ids = input_ids.reshape(-1)
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to measure perplexity")
@@ -38,10 +44,11 @@ def sliding_window_perplexity(model, input_ids: torch.Tensor, context: int, stri
     total_nll, total_tokens, prev_end, processed = 0.0, 0, 0, 0
     starts = range(0, ids.numel() - 1, stride)
     for begin in tqdm(starts, desc=f"ppl@{context}", disable=not progress):
-        end = min(begin + context, ids.numel())
-        window = ids[begin:end].unsqueeze(0).to(device)
-        processed += end - begin
-        n_new = end - max(prev_end, begin + 1)  # targets not scored before (the window's first has no context)
+        end = min(begin + context - len(lead), ids.numel())
+        window = torch.cat([lead, ids[begin:end]]).unsqueeze(0).to(device)
+        processed += window.shape[1]
+        # Targets not scored before; without a BOS the window's first token has no context and is not scored.
+        n_new = end - max(prev_end, begin + (0 if len(lead) else 1))
         logits = model(input_ids=window).logits[0, -n_new - 1:-1].float()
         nll = F.cross_entropy(logits, window[0, -n_new:], reduction="sum")
         total_nll += nll.item()

@@ -8,11 +8,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import torch
+from tqdm.auto import tqdm
 
 from ..patching import patch_state, patched
 from .memory import PeakMemory
 from .perplexity import sliding_window_perplexity
+from .metrics import mean_ci95
 from .tasks import generate_answers, load_filler, make_task, score_answers
+from .tasks.base import PromptFormat, bos_ids
 
 
 @dataclass
@@ -33,10 +36,19 @@ class Cell:
     text: str | None = None
     tokens: int = 16384
     stride: int | None = None
+    chat: bool = False  # task prompts in the tokenizer's chat template
 
     def key(self) -> str:
-        """Stable identity of the cell: what a resumed sweep compares to skip finished work."""
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+        """Stable identity of the cell: what a resumed sweep compares to skip finished work. Fields added after
+        results were committed are left out while they hold their default, so older records keep their keys."""
+        d = asdict(self)
+        for name, default in LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return json.dumps(d, sort_keys=True, default=str)
+
+
+LATER_FIELDS = {"chat": False}
 
 
 def versions() -> dict:
@@ -82,11 +94,16 @@ class Resources:
 
 
 def run_cell(model, tokenizer, cell: Cell, model_name: str, resources: Resources | None = None,
-             batch_size: int = 8) -> dict:
-    """Measure one cell; returns its JSON-serializable record."""
+             batch_size: int = 8, done_samples: dict | None = None, on_samples=None, progress: bool = False) -> dict:
+    """Measure one cell; returns its JSON-serializable record.
+
+    Task cells run their prompts in batches; after each batch `on_samples(records)` receives one record per
+    prompt (so a caller can append them durably), and prompts in `done_samples` ({index: sample record}, from an
+    interrupted run) are not run again: the cell record aggregates old and new samples.
+    """
     resources = resources or Resources(tokenizer)
     device = next(model.parameters()).device
-    record = {"cell": cell.key(), **asdict(cell), "model": model_name}
+    record = {"record": "cell", "cell": cell.key(), **asdict(cell), "model": model_name}
     # Inputs are prepared outside the timed region: only the model's work is measured.
     if cell.kind == "task":
         samples = _task_samples(tokenizer, cell, resources)
@@ -100,37 +117,88 @@ def run_cell(model, tokenizer, cell: Cell, model_name: str, resources: Resources
         with torch.no_grad(), PeakMemory(device) as mem:
             t0 = time.perf_counter()
             if cell.kind == "task":
-                record.update(_run_task(model, tokenizer, samples, batch_size))
+                record.update(_run_task(model, tokenizer, cell, model_name, samples, batch_size, meter,
+                                        done_samples or {}, on_samples, progress))
+                wall = record.pop("new_wall_s")
             else:
-                res = sliding_window_perplexity(model, ids, cell.length, cell.stride or cell.length // 2)
-                record.update(score=res.perplexity, perplexity=res.perplexity, nll=res.nll,
-                              scored_tokens=res.tokens, tokens_processed=res.processed, phase="prefill")
-            wall = time.perf_counter() - t0
-        record.update(density=meter.density(), density_prefill=meter.density("prefill"),
-                      density_decode=meter.density("decode"))
-    record.update(wall_s=round(wall, 3), tokens_per_s=round(record.pop("tokens_processed") / wall, 1),
-                  peak_mem_bytes=mem.peak_bytes, device=str(device), versions=versions(),
-                  finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                res = sliding_window_perplexity(model, ids, cell.length, cell.stride or cell.length // 2,
+                                                progress=progress, bos=bos_ids(tokenizer))
+                record.update(score=res.perplexity, perplexity=res.perplexity, nll=res.nll, n=1,
+                              scored_tokens=res.tokens, tokens_processed=res.processed, phase="prefill",
+                              density=meter.density(), density_prefill=meter.density("prefill"),
+                              density_decode=meter.density("decode"))
+                wall = time.perf_counter() - t0
+    record.update(wall_s=round(wall, 3), tokens_per_s=round(record.pop("tokens_processed") / max(wall, 1e-9), 1),
+                  peak_mem_bytes=mem.peak_bytes, device=str(device), dtype=str(next(model.parameters()).dtype),
+                  versions=versions(), finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return record
 
 
 def _task_samples(tokenizer, cell: Cell, resources: Resources):
     task = make_task(cell.task, **cell.task_params)
     filler = resources.filler(cell.filler)
-    n = cell.samples
-    # Needle depths spread evenly over the context (the first asked needle of multi-needle tasks).
-    depths = [i / (n - 1) for i in range(n)] if n > 1 else [0.5]
-    return [task.make(tokenizer, cell.length, seed=cell.seed * 1_000_003 + i, filler=filler, depth=d)
-            for i, d in enumerate(depths)]
+    fmt = PromptFormat(chat=cell.chat)
+    return [task.make(tokenizer, cell.length, seed=cell.seed * 1_000_003 + i, filler=filler, depth=d, prompt=fmt)
+            for i, d in enumerate(sample_depths(cell.samples))]
 
 
-def _run_task(model, tokenizer, samples, batch_size: int) -> dict:
-    stats: dict = {}
-    answers = generate_answers(model, tokenizer, samples, batch_size=batch_size, stats=stats)
-    per_sample = score_answers(samples, answers)
+def sample_depths(n: int) -> list[float]:
+    """Needle depths spread evenly over the context (the first asked needle of multi-needle tasks)."""
+    return [i / (n - 1) for i in range(n)] if n > 1 else [0.5]
+
+
+def _run_task(model, tokenizer, cell: Cell, model_name: str, samples, batch_size: int, meter, done: dict,
+              on_samples, progress: bool) -> dict:
+    depths = sample_depths(len(samples))
+    todo = [i for i in range(len(samples)) if i not in done]
+    records = dict(done)
+    new_tokens = new_wall = 0.0
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), disable=not progress, unit="prompt",
+               desc=f"{cell.task} @ {cell.length} {cell.method}", leave=False)
+    for b in range(0, len(todo), batch_size):
+        idx = todo[b:b + batch_size]
+        batch = [samples[i] for i in idx]
+        before = (dict(meter.attended), dict(meter.causal))
+        stats: dict = {}
+        t0 = time.perf_counter()
+        answers = generate_answers(model, tokenizer, batch, batch_size=len(batch), stats=stats)
+        wall = time.perf_counter() - t0
+        scores = score_answers(batch, answers)
+        share = 1 / len(batch)  # a batch's counts and time, split evenly over its prompts
+        fresh = []
+        for i, s, answer, sc in zip(idx, batch, answers, scores):
+            fresh.append({
+                "record": "sample", "cell": cell.key(), "index": i, "task": cell.task, "method": cell.method,
+                "params": cell.params, "layers": cell.layers, "length": cell.length, "model": model_name,
+                "dtype": str(next(model.parameters()).dtype), "chat": cell.chat, "depth": depths[i] if "depths" in s.meta else None, "answers": s.answers,
+                "prediction": answer, "score": sc[s.metrics[0]], "scores": sc, "prompt_tokens": len(s.input_ids),
+                "new_tokens": stats["new_tokens"] * share, "wall_s": round(wall * share, 4),
+                "batch_size": len(batch), "kv_cache_bytes": stats["kv_cache_bytes"],
+                "attended": {p: (meter.attended[p] - before[0][p]) * share for p in meter.attended},
+                "causal": {p: (meter.causal[p] - before[1][p]) * share for p in meter.causal}})
+        records.update((r["index"], r) for r in fresh)
+        if on_samples is not None:
+            on_samples(fresh)
+        new_tokens += stats["prompt_tokens"] + stats["new_tokens"]
+        new_wall += wall
+        bar.update(len(batch))
+        bar.set_postfix_str(f"{new_tokens / max(new_wall, 1e-9):.0f} tok/s")
+    bar.close()
+    rows = [records[i] for i in range(len(samples))]
     metrics = samples[0].metrics
-    means = {m: sum(s[m] for s in per_sample) / len(per_sample) for m in metrics}
-    return {"score": means[metrics[0]], "metric": metrics[0], "scores": means, "phase": "prefill+decode",
-            "kv_cache_bytes": stats["kv_cache_bytes"], "prompt_tokens": stats["prompt_tokens"],
-            "generated_tokens": stats["new_tokens"], "tokens_processed": stats["prompt_tokens"] + stats["new_tokens"],
-            "predictions": answers[:3]}
+    means = {m: sum(r["scores"][m] for r in rows) / len(rows) for m in metrics}
+    score, lo, hi = mean_ci95([r["score"] for r in rows])
+
+    def density(phase=None):
+        phases = [phase] if phase else ["prefill", "decode"]
+        causal = sum(r["causal"][p] for r in rows for p in phases)
+        return None if causal == 0 else sum(r["attended"][p] for r in rows for p in phases) / causal
+
+    return {"score": score, "score_ci95": [lo, hi], "n": len(rows), "metric": metrics[0], "scores": means,
+            "phase": "prefill+decode", "density": density(), "density_prefill": density("prefill"),
+            "density_decode": density("decode"),
+            "kv_cache_bytes": sum(r["kv_cache_bytes"] for r in rows) // len(rows),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in rows), "resumed_samples": len(done),
+            "generated_tokens": sum(r["new_tokens"] for r in rows), "tokens_processed": new_tokens,
+            "new_wall_s": new_wall, "sample_wall_s": round(sum(r["wall_s"] for r in rows), 3),
+            "predictions": [rows[i]["prediction"] for i in range(min(3, len(rows)))]}

@@ -1,7 +1,9 @@
 """Sweeps: a TOML grid of methods x parameters x tasks x lengths, run into a JSONL file that resumes.
 
     name = "window-vs-dense"
-    model = "reference"            # "reference" (the embedded model) or a path to a HF model folder
+    model = "reference"            # a name of `longattn models` (reference, smollm2-135m-instruct, ...) or a HF folder
+    dtype = "float32"              # float32, bfloat16 or float16 (`--dtype` overrides)
+    chat = false                   # task prompts in the tokenizer's chat template
     seed = 0
     samples = 20                   # prompts per task cell
     batch_size = 8
@@ -23,8 +25,9 @@
     lengths = [512, 1024, 2048, 4096]
     tokens = 16384
 
-Each finished cell is appended to the results file as one JSON line, flushed and fsynced, so a killed sweep
-loses at most the cell in flight; a restart skips every cell already recorded and repeats none.
+Each finished prompt and each finished cell is appended to the results file as one JSON line, flushed and
+fsynced, so a killed sweep loses at most the batch of prompts in flight; a restart skips every cell already
+recorded and resumes a cell from its recorded prompts.
 """
 from __future__ import annotations
 
@@ -43,8 +46,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-SWEEP_FIELDS = {"name", "model", "seed", "samples", "batch_size", "lengths", "tasks", "filler", "methods",
-                "perplexity", "description"}
+SWEEP_FIELDS = {"name", "model", "dtype", "chat", "seed", "samples", "batch_size", "lengths", "tasks", "filler",
+                "methods", "perplexity", "description"}
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Sweep:
     model: str
     cells: list[Cell]
     batch_size: int = 8
+    dtype: str = "float32"
     source: Path | None = None
     description: str = ""
     config: dict = field(default_factory=dict)
@@ -86,7 +90,17 @@ def sweep_from_config(cfg: dict, path) -> Sweep:
     methods = cfg.get("methods")
     if not methods or not isinstance(methods, list):
         raise _err(path, "needs at least one [[methods]] entry")
+    from ..pretrained import check_model_spec, resolve_dtype
+
     seed, samples, filler = cfg.get("seed", 0), cfg.get("samples", 10), cfg.get("filler", "grass")
+    chat = cfg.get("chat", False)
+    if not isinstance(chat, bool):
+        raise _err(path, f"chat must be true or false, got {chat!r}")
+    try:
+        resolve_dtype(cfg.get("dtype", "float32"))
+        check_model_spec(cfg.get("model", "reference"))
+    except (ValueError, FileNotFoundError) as e:
+        raise _err(path, str(e)) from None
     tasks = []
     for t in cfg.get("tasks", []):
         spec = {"name": t} if isinstance(t, str) else dict(t)
@@ -123,14 +137,14 @@ def sweep_from_config(cfg: dict, path) -> Sweep:
                 raise _err(path, f"methods[{i}]: {e}") from None
             for (task, task_params), length in itertools.product(tasks, lengths):
                 cells.append(Cell("task", entry["method"], length, params, entry.get("layers"), task, task_params,
-                                  samples, seed, filler))
+                                  samples, seed, filler, chat=chat))
             if ppl and policy is None:  # a KV policy only acts while generating: no perplexity cells
                 for length in ppl.get("lengths", []):
                     cells.append(Cell("perplexity", entry["method"], length, params, entry.get("layers"),
                                       seed=seed, text=ppl.get("text", "python-doc"),
                                       tokens=ppl.get("tokens", 16384), stride=ppl.get("stride")))
     return Sweep(cfg.get("name", path.stem), cfg.get("model", "reference"), cells, cfg.get("batch_size", 8),
-                 path, cfg.get("description", ""), cfg)
+                 cfg.get("dtype", "float32"), path, cfg.get("description", ""), cfg)
 
 
 def read_results(path) -> list[dict]:
@@ -162,47 +176,71 @@ def _repair_tail(path: Path) -> None:
         path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
-def load_model(spec: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..reference import reference_model, reference_model_path
-
-    if spec == "reference":
-        model, tok = reference_model()
-        return model, tok, str(reference_model_path().name)
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model {spec!r}: expected 'reference' or a folder with config.json")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path), path.name
+def run_sweep(sweep: Sweep, out: Path, dry_run: bool = False, model_and_tokenizer=None, progress: bool = True,
+              dtype=None, device="auto") -> list[dict]:
+    """Run every cell not yet in `out`; returns all records (old and new). `dtype` overrides the sweep's."""
+    return run_cells(sweep.cells, out, sweep.model, dtype or sweep.dtype, device, sweep.batch_size, sweep.name,
+                     dry_run, model_and_tokenizer, progress)
 
 
-def run_sweep(sweep: Sweep, out: Path, dry_run: bool = False, model_and_tokenizer=None,
-              progress: bool = True) -> list[dict]:
-    """Run every cell not yet in `out`; returns all records (old and new)."""
-    out = Path(out)
-    done = {r["cell"] for r in read_results(out) if "cell" in r}
-    todo = [c for c in sweep.cells if c.key() not in done]
+def run_cells(cells: list[Cell], out, model: str, dtype="float32", device="auto", batch_size: int = 8,
+              sweep_name: str | None = None, dry_run: bool = False, model_and_tokenizer=None,
+              progress: bool = True, echo=None) -> list[dict]:
+    """Run the cells not yet finished in `out` (None: keep nothing), appending every finished prompt and cell as
+    one fsynced JSON line; a cell interrupted mid-way resumes from its recorded prompts. Returns all records.
+    `echo(record)` is called with each finished cell record."""
+    from ..pretrained import load_model, model_label, resolve_dtype
+
+    out = Path(out) if out is not None else None
+    existing = read_results(out) if out is not None else []
+    name, torch_dtype = model_label(model), str(resolve_dtype(dtype))
+    for r in existing:  # one results file holds one model in one dtype: resuming across them would mix results
+        other = (model_label(r.get("model", name)), r.get("dtype", "torch.float32"))
+        if other != (name, torch_dtype):
+            raise ValueError(f"{out} holds results of model {other[0]} in {other[1]}; this run is {name} in "
+                             f"{torch_dtype}: choose another results file")
+    done = {r["cell"] for r in existing if r.get("record", "cell") == "cell" and "cell" in r}
+    todo = [c for c in cells if c.key() not in done]
     if dry_run:
-        for c in sweep.cells:
+        for c in cells:
             state = "done" if c.key() in done else "todo"
             what = f"{c.task}" if c.kind == "task" else f"perplexity[{c.text}]"
             print(f"[{state}] {c.method} {c.params or ''} {what} @ {c.length}")
-        print(f"{len(sweep.cells)} cells, {len(sweep.cells) - len(todo)} done, {len(todo)} to run")
-        return read_results(out)
-    if todo:
-        model, tok, model_name = model_and_tokenizer or load_model(sweep.model)
-        resources = Resources(tok)
+        print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
+        return existing
+    if echo is not None and len(todo) < len(cells):
+        print(f"{len(cells) - len(todo)} of {len(cells)} cells already finished in {out}")
+    if not todo:
+        return existing
+    partial: dict[str, dict[int, dict]] = {}
+    for r in existing:
+        if r.get("record") == "sample" and r["cell"] not in done:
+            partial.setdefault(r["cell"], {})[r["index"]] = r
+    loaded = model_and_tokenizer or load_model(model, dtype=dtype, device=device)
+    mdl, tok = loaded[0], loaded[1]
+    resources = Resources(tok)
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         _repair_tail(out)
-        bar = tqdm(todo, desc=f"sweep {sweep.name}", disable=not progress, unit="cell")
-        for cell in bar:
-            bar.set_postfix_str(f"{cell.method} {cell.task or 'ppl'} @ {cell.length}")
-            record = run_cell(model, tok, cell, model_name, resources, sweep.batch_size)
-            record["sweep"] = sweep.name
-            with open(out, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-    return read_results(out)
+    new = []
+
+    def append(records):
+        if out is None:
+            return
+        with open(out, "a") as f:
+            f.writelines(json.dumps({**r, **({"sweep": sweep_name} if sweep_name else {})}) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+
+    bar = tqdm(todo, desc=f"sweep {sweep_name}" if sweep_name else "cells", disable=not progress, unit="cell")
+    for cell in bar:
+        bar.set_postfix_str(f"{cell.method} {cell.task or 'ppl'} @ {cell.length}")
+        record = run_cell(mdl, tok, cell, name, resources, batch_size, done_samples=partial.get(cell.key()),
+                          on_samples=append, progress=progress)
+        if sweep_name:
+            record["sweep"] = sweep_name
+        append([record])
+        new.append(record)
+        if echo is not None:
+            echo(record)
+    return read_results(out) if out is not None else new

@@ -3,16 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUILTINS = ("python-doc", "linux-doc-heldout")
+BUILTINS = ("licenses", "python-doc", "linux-doc-heldout")
+LICENSES = Path("/usr/share/common-licenses")
 
 
 def load_text(spec: str, field: str = "text", split: str = "train") -> str:
     """One long string from `spec`.
 
+    "licenses" (the licence texts every Debian system has in /usr/share/common-licenses, about 55k tokens),
     "python-doc" (Python documentation prose, never seen by the reference model), "linux-doc-heldout" (the
     kernel documentation files held out of the reference model's training), a local .txt / .jsonl / .json /
-    .parquet file (records joined by blank lines; `field` names the text column), or a `datasets` name.
+    .parquet file (a .txt file as it is; records joined by blank lines, `field` naming the text column), or a
+    `datasets` name.
     """
+    if spec == "licenses":
+        return licence_texts()
     if spec == "python-doc":
         from .corpora import python_doc_prose
 
@@ -31,6 +36,8 @@ def load_text(spec: str, field: str = "text", split: str = "train") -> str:
                    ".parquet": "parquet"}.get(path.suffix)
         if builder is None:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .jsonl, .json or .parquet)")
+        if builder == "text":  # the file as it is: datasets' text builder would drop its empty lines
+            return path.read_text(encoding="utf-8", errors="replace")
         if builder == "json":
             _validate_jsonl(path, field)
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -42,8 +49,7 @@ def load_text(spec: str, field: str = "text", split: str = "train") -> str:
                              f"loadable dataset ({type(e).__name__}: {e})") from None
     if field not in ds.column_names:
         raise ValueError(f"{spec}: no column {field!r} (columns: {ds.column_names})")
-    sep = "\n" if (path.exists() and builder == "text") else "\n\n"
-    return sep.join(str(t) for t in ds[field] if t)
+    return "\n\n".join(str(t) for t in ds[field] if t)
 
 
 def _validate_jsonl(path: Path, field: str) -> None:
@@ -53,3 +59,12 @@ def _validate_jsonl(path: Path, field: str) -> None:
     for lineno, rec in iter_jsonl(path):
         if field not in rec:
             raise ValueError(f"{path}:{lineno}: missing field {field!r}")
+
+
+def licence_texts(folder: Path = LICENSES) -> str:
+    """The licence files of a Debian system (Apache-2.0, GPL-1..3, ...; not the aliases), joined by blank lines."""
+    files = sorted(p for p in folder.glob("*") if p.is_file() and not p.is_symlink()) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"text 'licenses': no licence files in {folder} (a Debian or Ubuntu system has "
+                                f"them); use another --text")
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in files)

@@ -112,6 +112,47 @@ def seeded(task: str, seed: int, length: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a task prompt is framed for a model: raw text led by the tokenizer's BOS where it adds one, or (chat)
+    the task as the user's message of the tokenizer's chat template, the answer's lead-in opening the reply."""
+
+    chat: bool = False
+
+    def frame(self, tokenizer, head: str, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """(ids before the task's context, ids after it) around a context of head + ... + question, ending with
+        the answer's lead-in (e.g. " The pass key is") where generation starts."""
+        if not self.chat:
+            return bos_ids(tokenizer) + ids_of(tokenizer, head), ids_of(tokenizer, question + answer)
+        before, after = chat_turn(tokenizer)
+        return before + ids_of(tokenizer, head), (ids_of(tokenizer, question) + after
+                                                  + ids_of(tokenizer, answer.lstrip()))
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text by itself (Gemma, Llama: BOS; GPT-2 style: none)."""
+    plain = ids_of(tokenizer, "a")
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def chat_turn(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of the chat template before and after one user message (through the assistant's turn start)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"chat prompts need a tokenizer with a chat template; {type(tokenizer).__name__} "
+                         f"({getattr(tokenizer, 'name_or_path', '')}) has none (run without --chat / chat=false)")
+    mark = "<<LONGATTN-USER-MESSAGE>>"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], add_generation_prompt=True,
+                                         tokenize=False)
+    if text.count(mark) != 1:
+        raise ValueError("the tokenizer's chat template does not place the user message verbatim")
+    before, after = text.split(mark)
+    return ids_of(tokenizer, before), ids_of(tokenizer, after)
+
+
 @dataclass
 class Task:
     """Base of a seeded long-context task generator."""
@@ -121,5 +162,5 @@ class Task:
     metrics: ClassVar[tuple[str, ...]] = ("string_match_all",)
 
     def make(self, tokenizer, length: int, seed: int, filler: Filler | None = None,
-             depth: float | None = None) -> TaskSample:
+             depth: float | None = None, prompt: PromptFormat = PromptFormat()) -> TaskSample:
         raise NotImplementedError

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KEY_WORDS, Task, TaskSample, ids_of, pad_with_spaces, seeded
+from .base import KEY_WORDS, PromptFormat, Task, TaskSample, ids_of, pad_with_spaces, seeded
 
 HEAD = "Below is a numbered list of words. In these words, some appear more often than others."
-QUESTION = (" Question: What are the {top} most common words in the above list? Answer: The top {top} words "
-            "that appear most often in the list are:")
+QUESTION = " Question: What are the {top} most common words in the above list?"
+ANSWER = " Answer: The top {top} words that appear most often in the list are:"
 
 
 @dataclass
@@ -24,12 +24,12 @@ class CommonWords(Task):
     common_freq: int | None = None  # None: up to 30, so that common words fill at most a third of the list
     rare_freq: int = 3
 
-    def make(self, tokenizer, length, seed, filler=None, depth=None) -> TaskSample:
+    def make(self, tokenizer, length, seed, filler=None, depth=None, prompt=PromptFormat()) -> TaskSample:
         rng = seeded(self.name, seed, length)
         vocab = list(KEY_WORDS)
         rng.shuffle(vocab)
         common, rare_pool = vocab[:self.top], vocab[self.top:]
-        head, tail = ids_of(tokenizer, HEAD), ids_of(tokenizer, QUESTION.format(top=self.top))
+        head, tail = prompt.frame(tokenizer, HEAD, QUESTION.format(top=self.top), ANSWER.format(top=self.top))
         budget = length - len(head) - len(tail)
         freq = self.common_freq
         if freq is None:

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..jsonl import iter_jsonl
-from .base import Task, TaskSample, ids_of
+from .base import PromptFormat, Task, TaskSample, ids_of
 
-TEMPLATE = "{context}\n\nAnswer the question based on the text above.\n\nQuestion: {input}\nAnswer:"
+TEMPLATE, ANSWER = "{context}\n\nAnswer the question based on the text above.\n\nQuestion: {input}", "\nAnswer:"
 
 
 def load_longbench_jsonl(path) -> list[dict]:
@@ -51,12 +51,17 @@ class LongBench(Task):
             self._records = load_longbench_jsonl(self.path)
         return self._records
 
-    def make(self, tokenizer, length, seed, filler=None, depth=None) -> TaskSample:
+    def make(self, tokenizer, length, seed, filler=None, depth=None, prompt=PromptFormat()) -> TaskSample:
         recs = self.records()
         rec = recs[seed % len(recs)]
-        ids = ids_of(tokenizer, TEMPLATE.format(context=rec["context"], input=rec["input"]))
-        if len(ids) > length:
-            half = length // 2
-            ids = ids[:half] + ids[len(ids) - (length - half):]
+        head, tail = prompt.frame(tokenizer, "", "", ANSWER)
+        body = ids_of(tokenizer, TEMPLATE.format(context=rec["context"], input=rec["input"]))
+        room = length - len(head) - len(tail)
+        if room < 2:
+            raise ValueError(f"longbench: length {length} leaves no room for the context")
+        if len(body) > room:
+            half = room // 2
+            body = body[:half] + body[len(body) - (room - half):]
+        ids = head + body + tail
         return TaskSample(self.name, ids, list(rec["answers"]), self.metrics, self.max_new_tokens,
                           {"record": seed % len(recs)})

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KEY_WORDS, Filler, Task, TaskSample, build_haystack, ids_of, seeded
+from .base import KEY_WORDS, Filler, PromptFormat, Task, TaskSample, build_haystack, ids_of, seeded
 
 NEEDLE = " One of the special magic numbers for {key} is: {value}."
-QUERY_ONE = " What is the special magic number for {key}? The special magic number for {key} is:"
-QUERY_ALL = " What are all the special magic numbers for {key}? The special magic numbers for {key} are:"
-QUERY_MANY = " What are the special magic numbers for {keys}? The special magic numbers for {keys} are:"
+QUERY_ONE = " What is the special magic number for {key}?", " The special magic number for {key} is:"
+QUERY_ALL = " What are all the special magic numbers for {key}?", " The special magic numbers for {key} are:"
+QUERY_MANY = " What are the special magic numbers for {keys}?", " The special magic numbers for {keys} are:"
 HEAD = "Some special magic numbers are hidden within the following text. Make sure to memorize them."
 
 
@@ -39,7 +39,7 @@ class NeedleInAHaystack(Task):
     def task_name(self) -> str:
         return "niah_" + self.variant
 
-    def make(self, tokenizer, length, seed, filler=None, depth=None) -> TaskSample:
+    def make(self, tokenizer, length, seed, filler=None, depth=None, prompt=PromptFormat()) -> TaskSample:
         rng = seeded(self.task_name, seed, length)
         n = 1 if self.variant == "single" else self.needles
         keys = rng.sample(KEY_WORDS, n)
@@ -50,17 +50,17 @@ class NeedleInAHaystack(Task):
         if depth is not None:
             depths[0] = depth  # the (first) asked needle sits at the requested depth
         if self.variant in ("single", "multikey"):
-            query, answers = QUERY_ONE.format(key=keys[0]), [values[0]]
+            query, answers = [q.format(key=keys[0]) for q in QUERY_ONE], [values[0]]
         elif self.variant == "multivalue":
-            query, answers = QUERY_ALL.format(key=keys[0]), values
+            query, answers = [q.format(key=keys[0]) for q in QUERY_ALL], values
         else:
             asked = list(range(self.queries))
-            query = QUERY_MANY.format(keys=", ".join(keys[i] for i in asked))
+            query = [q.format(keys=", ".join(keys[i] for i in asked)) for q in QUERY_MANY]
             answers = [values[i] for i in asked]
         inserts = [ids_of(tokenizer, NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
-        head = ids_of(tokenizer, HEAD)
-        ids, starts, n_filler = build_haystack(tokenizer, length, head, inserts, depths,
-                                               ids_of(tokenizer, query), filler or Filler(), rng)
+        head, tail = prompt.frame(tokenizer, HEAD, *query)
+        ids, starts, n_filler = build_haystack(tokenizer, length, head, inserts, depths, tail, filler or Filler(),
+                                               rng)
         return TaskSample(self.task_name, ids, answers, self.metrics, (self.digits + 3) * len(answers),
                           {"depths": depths, "needle_spans": [(s, len(i)) for s, i in zip(starts, inserts)],
                            "keys": keys, "head_tokens": len(head), "filler_tokens": n_filler})

@@ -5,11 +5,11 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from .base import Filler, Task, TaskSample, build_haystack, ids_of, seeded
+from .base import Filler, PromptFormat, Task, TaskSample, build_haystack, ids_of, seeded
 
-QUESTION = (" Question: Find all variables that are assigned the value {value} in the text above. Answer: "
-            "According to the chain of variable assignments in the text above, {n} variables are assigned the "
-            "value {value}, they are:")
+QUESTION = " Question: Find all variables that are assigned the value {value} in the text above."
+ANSWER = (" Answer: According to the chain of variable assignments in the text above, {n} variables are assigned "
+          "the value {value}, they are:")
 HEAD = "Memorize and track the chain of variable assignments hidden in the following text."
 
 
@@ -23,7 +23,7 @@ class VariableTracking(Task):
     chains: int = 1
     hops: int = 4
 
-    def make(self, tokenizer, length, seed, filler=None, depth=None) -> TaskSample:
+    def make(self, tokenizer, length, seed, filler=None, depth=None, prompt=PromptFormat()) -> TaskSample:
         rng = seeded(self.name, seed, length)
         names: set[str] = set()
         while len(names) < self.chains * (self.hops + 1):
@@ -47,8 +47,8 @@ class VariableTracking(Task):
                 depths.append(chain_depths[i])
             if c == 0:
                 first_chain, asked_value = chain, value
-        tail = ids_of(tokenizer, QUESTION.format(value=asked_value, n=len(first_chain)))
-        head = ids_of(tokenizer, HEAD)
+        head, tail = prompt.frame(tokenizer, HEAD, QUESTION.format(value=asked_value),
+                                  ANSWER.format(value=asked_value, n=len(first_chain)))
         ids, starts, n_filler = build_haystack(tokenizer, length, head, inserts, depths, tail, filler or Filler(),
                                                rng)
         return TaskSample(self.name, ids, list(first_chain), self.metrics, 8 * len(first_chain),
