@@ -12,6 +12,7 @@ from .kernels import AttentionMask, dense_attention
 from .kvcache import POLICIES, CompressedCache, KVPolicy, make_policy
 from .methods import METHODS, AttentionMethod, Dense, MethodInfo, method_infos
 from .methods.act import act_select_heads
+from .pretrained import KNOWN_MODELS, load_model
 from .patching import UnsupportedModelError, patch, patch_state, patched, unpatch
 from .recipes import load_recipe, recipe_names
 from .reference import reference_model, reference_model_path
@@ -31,5 +32,5 @@ __all__ = [
     "add_selective_attention", "load_selective", "remove_selective_attention", "save_selective",
     "selective_parameter_count",
     "convert_to_gqa", "dense_attention", "kv_cache_bytes_per_token", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",
-    "reference_model", "reference_model_path", "unpatch",
+    "KNOWN_MODELS", "load_model", "reference_model", "reference_model_path", "unpatch",
 ]

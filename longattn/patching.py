@@ -69,6 +69,10 @@ class PatchState:
     kv_policy: object = None  # a longattn.kvcache.KVPolicy when the KV cache is compressed
     kv_hook: object = None  # the forward pre-hook that puts the compressed cache in place
 
+    def __repr__(self) -> str:  # what a REPL shows after patch(): the method, not the model's module tree
+        kv = f", kv_cache={self.kv_policy!r}" if self.kv_policy is not None else ""
+        return f"PatchState({self.method!r}, layers={list(self.layers)}{kv}, was={self.original_impl!r})"
+
 
 class HFMask(AttentionMask):
     """An AttentionMask built from the arguments transformers passes to a mask interface function."""
@@ -381,7 +385,8 @@ def resolve_kv_cache(method, kv_cache, params: dict):
 
 
 def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_parallel=None, **params):
-    """Make `model` attend with `method` (in place); returns the model. A second patch replaces the first.
+    """Make `model` attend with `method` (in place); returns its PatchState (also `patch_state(model)`: method,
+    layers, density meter). A second patch replaces the first.
 
     `method` may also name a KV-cache policy ("h2o", "snapkv", ...; see longattn.kvcache), or `kv_cache=`
     adds one to an attention method: generate() then runs with a compressed cache.
@@ -429,14 +434,14 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
 
         state.kv_policy, state.kv_hook = policy, install_cache_hook(model, policy)
     model._longattn = state
-    return model
+    return state
 
 
-def unpatch(model):
-    """Restore the model's original attention exactly; a model that is not patched is returned as is."""
+def unpatch(model) -> None:
+    """Restore the model's original attention exactly; a model that is not patched is left as it is."""
     state: PatchState | None = getattr(model, "_longattn", None)
     if state is None:
-        return model
+        return
     model.set_attn_implementation(state.original_impl)
     for cfg in (model.config, model.config.get_text_config(decoder=True)):
         if hasattr(cfg, _CONFIG_ORIG_ATTR):
@@ -448,7 +453,6 @@ def unpatch(model):
             if hasattr(m, attr):
                 delattr(m, attr)
     del model._longattn
-    return model
 
 
 @contextlib.contextmanager

@@ -114,10 +114,16 @@ def test_bad_parameters(params, message):
         BlockTopK(**params)
 
 
-def test_top_k_larger_than_the_number_of_blocks():
+def test_top_k_larger_than_the_number_of_blocks_attends_to_all():
+    """As in Quest, a query with fewer blocks than top_k keeps them all: here every query, so it is dense."""
     q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
-    with pytest.raises(ValueError, match="top_k=9 is larger than the 5 key blocks"):
-        BlockTopK(block_size=4, top_k=9).attend(q, k, v, AttentionMask.causal(20), AttendCall(scale=0.3))
+    got = BlockTopK(block_size=4, top_k=9).attend(q, k, v, AttentionMask.causal(20), AttendCall(scale=0.3))
+    ref = dense_attention(q, k, v, AttentionMask.causal(20), scale=0.3, backend="math")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_default_top_k_and_density_alone():
+    assert BlockTopK().top_k == 8 and BlockTopK(density=0.25).top_k is None  # density alone is enough
 
 
 def test_selection_in_query_chunks_equals_one_pass(monkeypatch):

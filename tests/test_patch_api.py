@@ -24,7 +24,9 @@ def test_patch_routes_every_layer_and_unpatch_routes_none(monkeypatch):
     calls = count_attend_calls(monkeypatch)
     model = make_model("llama")
     ids, mask = left_padded_batch()
-    assert longattn.patch(model, "dense") is model
+    state = longattn.patch(model, "dense")
+    assert state is longattn.patch_state(model) and repr(state).startswith("PatchState(Dense(")  # not the model
+    assert len(repr(state)) < 300
     assert model.config._attn_implementation == "longattn"
     model(input_ids=ids, attention_mask=mask)
     assert calls == [0, 1, 2]
@@ -74,7 +76,7 @@ def test_patching_twice_replaces_the_first_cleanly():
     assert not hasattr(model.model.layers[0].self_attn, "_longattn_method")
     longattn.unpatch(model)
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
-    assert longattn.unpatch(model) is model  # unpatching an unpatched model is harmless
+    assert longattn.unpatch(model) is None  # unpatching an unpatched model is harmless
 
 
 def test_patched_context_manager_restores_even_on_error():

@@ -88,3 +88,11 @@ def test_fit_iterations_fit_centroids_on_the_prompt():
 def test_bad_parameters(params, message):
     with pytest.raises(ValueError, match=message):
         Routing(**params)
+
+
+def test_density_sets_the_number_of_clusters():
+    from longattn.methods import make_method
+
+    assert make_method("routing", density=0.1).n_clusters == 10 and make_method("routing", density=1.0).n_clusters == 1
+    with pytest.raises(ValueError, match="either n_clusters or density"):
+        make_method("routing", n_clusters=4, density=0.1)

@@ -112,3 +112,26 @@ def test_errors():
         SinkShiftedSparse(group_size=5)
     with pytest.raises(ValueError, match="'sink_tokens' must be an integer >= 0"):
         SinkShiftedSparse(sink_tokens=-1)
+
+
+@pytest.mark.parametrize("name", ["s2_attn", "sf_attn"])
+@pytest.mark.parametrize("density", [0.05, 0.25, 0.5])
+def test_density_sets_the_group(name, density):
+    """density -> the smallest even group reaching it over density_length tokens (S2: one that divides it)."""
+    from longattn.kernels.masks import AttentionMask
+    from longattn.methods import make_method
+
+    method = make_method(name, density=density, density_length=1024)
+    mask = AttentionMask.causal(1024)
+
+    def reached(group):
+        if name == "s2_attn":
+            return (group + 1) / 1025
+        return make_method(name, group_size=group).computed_pairs(mask) / mask.causal_pair_count()
+
+    g = method.group_size
+    assert g % 2 == 0 and reached(g) >= density
+    smaller = [h for h in range(2, g, 2) if name == "sf_attn" or 1024 % h == 0]
+    assert not smaller or reached(max(smaller)) < density
+    with pytest.raises(ValueError, match="either group_size or density"):
+        make_method(name, group_size=64, density=density, density_length=1024)

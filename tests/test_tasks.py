@@ -107,3 +107,52 @@ def test_longbench_loader_and_errors(tmp_path, small_tokenizer):
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="binary.jsonl: cannot read"):
         load_longbench_jsonl(binary)
+
+
+@pytest.fixture
+def bos_chat_tokenizer(small_tokenizer):
+    """The small tokenizer made to add a BOS by itself (as Gemma's and Llama's do) and given a chat template."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(small_tokenizer)
+    tok.add_special_tokens({"bos_token": "<bos>", "additional_special_tokens": ["<user>", "<bot>"]})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.convert_tokens_to_ids("<bos>"))])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<user>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<bot>{% endif %}")
+    return tok
+
+
+ANSWER_LEAD_IN = {"passkey": "The pass key is", "niah_single": "is:", "niah_multikey": "is:",
+                  "niah_multivalue": "are:", "niah_multiquery": "are:", "variable_tracking": "they are:",
+                  "common_words": "list are:", "kv_retrieval": 'key is: "'}
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_prompts_framed_with_bos_or_chat_template_keep_their_length(bos_chat_tokenizer, small_tokenizer, name):
+    from longattn.evals.tasks.base import PromptFormat, bos_ids
+
+    tok = bos_chat_tokenizer
+    bos, user, bot = (tok.convert_tokens_to_ids(t) for t in ("<bos>", "<user>", "<bot>"))
+    assert bos_ids(tok) == [bos] and bos_ids(small_tokenizer) == []  # only where the tokenizer adds one
+    raw = make_task(name).make(tok, 700, seed=2, depth=0.5)
+    chat = make_task(name).make(tok, 700, seed=2, depth=0.5, prompt=PromptFormat(chat=True))
+    assert len(raw.input_ids) == len(chat.input_ids) == 700
+    assert raw.input_ids[0] == bos and user not in raw.input_ids  # raw text, led by BOS
+    assert chat.input_ids[:2] == [bos, user] and chat.input_ids.count(bot) == 1
+    reply = tok.decode(chat.input_ids[chat.input_ids.index(bot) + 1:])
+    assert reply.endswith(ANSWER_LEAD_IN[name]) and not reply.startswith(" ")  # the answer's lead-in opens it
+    assert tok.decode(raw.input_ids).endswith(ANSWER_LEAD_IN[name])
+    assert raw.answers == chat.answers
+    if "depths" in raw.meta:
+        (a, n), (b, m) = chat.meta["needle_spans"][0], raw.meta["needle_spans"][0]
+        assert chat.input_ids[a:a + n] == raw.input_ids[b:b + m]  # the same needle, where the meta says it is
+
+
+def test_chat_without_a_template_is_an_error(small_tokenizer):
+    from longattn.evals.tasks.base import PromptFormat
+
+    with pytest.raises(ValueError, match="chat prompts need a tokenizer with a chat template"):
+        make_task("passkey").make(small_tokenizer, 300, seed=0, prompt=PromptFormat(chat=True))

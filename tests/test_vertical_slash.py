@@ -1,5 +1,6 @@
 """Vertical-slash (MInference): selection equals a slow re-implementation; attention equals dense attention
 with the explicit per-head mask of the selected columns and diagonals; decode steps are dense."""
+import math
 import pytest
 import torch
 
@@ -121,7 +122,27 @@ def test_sparse_prefill_through_the_model():
     assert torch.isfinite(out).all() and 0 < density < 0.3
 
 
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.6])
+def test_density_sets_the_sizes_and_bounds_the_density(density):
+    """density -> columns + diagonals = density x (S + 1) / 2 (split 1 : 2); exact against the explicit mask of
+    that selection, and the attended density never exceeds the target."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 90, 16, generator=g) for _ in range(3))
+    mask = AttentionMask.causal(90)
+    method = VerticalSlash(density=density, last_q=16, sink_columns=2, local_diagonals=3)
+    n_cols, n_diags = method.sizes(90)
+    assert n_cols + n_diags == max(2, math.floor(density * 91 / 2)) and abs(n_diags - 2 * n_cols) <= 2
+    call = AttendCall(scale=0.25)
+    out = method.attend(q, k, v, mask, call)
+    allowed = explicit_mask(*vertical_slash_select(q, k, mask, 0.25, n_cols, n_diags, 16, 2, 3), 90)
+    ref = dense_attention(q, k, v, AttentionMask.from_tensor(allowed), scale=0.25, backend="math")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert 0 < call.attended_pairs / (90 * 91 / 2) <= density
+
+
 @pytest.mark.parametrize("params, message", [({"vertical_size": 0}, "'vertical_size' must be an integer >= 1"),
+                                             ({"density": 0.2, "slash_size": 10}, "either density or"),
+                                             ({"density": 1.5}, r"'density' must be in \(0, 1\]"),
                                              ({"last_q": -1}, "'last_q' must be an integer >= 1"),
                                              ({"sink_columns": -2}, "'sink_columns' must be an integer >= 0")])
 def test_bad_parameters(params, message):

@@ -95,6 +95,32 @@ def window_for_density(method: AttentionMethod, default_window: int, sink_tokens
     method.window = lo
 
 
+def group_for_density(method: AttentionMethod, default_group: int, pairs) -> None:
+    """Shifted-group family: when `density` is given, set `group_size` to the smallest even group whose density
+    over a causal sequence of `density_length` tokens reaches it; `pairs(group, mask)` counts attended pairs."""
+    density, length = method.density, method.density_length
+    if density is None and length is None:
+        return
+    check(method.name, "density", isinstance(density, (int, float)) and 0 < density <= 1, "a number in (0, 1]",
+          density)
+    check(method.name, "density_length", isinstance(length, int) and length >= 2,
+          "an integer >= 2 (the sequence length at which the density is met)", length)
+    if method.group_size != default_group:
+        raise ValueError(f"{method.name}: give either group_size or density (which sets it), not both")
+    from ..kernels.masks import AttentionMask
+
+    mask = AttentionMask.causal(length)
+    target = density * mask.causal_pair_count()
+    lo, hi = 1, (length + 1) // 2  # group = 2 * half; a group of the whole sequence is dense
+    while lo < hi:  # pair counts grow with the group: bisect
+        mid = (lo + hi) // 2
+        if pairs(2 * mid, mask) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    method.group_size = 2 * lo
+
+
 def check(method: str, param: str, ok: bool, allowed: str, value: Any) -> None:
     """One-line parameter validation with an error that says what is allowed."""
     if not ok:

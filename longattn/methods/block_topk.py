@@ -13,6 +13,7 @@ from ..kernels.masks import AttentionMask
 from .base import AttendCall, AttentionMethod, check
 
 QUERY_TILE = 64  # queries per gathered tile (the union of their selected blocks is gathered once)
+DEFAULT_TOP_K = 8
 SELECT_CHUNK = 1024  # queries whose block selection is held at once (a multiple of QUERY_TILE)
 
 
@@ -84,7 +85,8 @@ class BlockTopK(AttentionMethod):
     block_size : int
         Keys per block (>= 1).
     top_k : int or None
-        Blocks per query, its own included (>= 1, at most the number of key blocks).
+        Blocks per query, its own included (>= 1; 8 when neither top_k nor density is given). A query with
+        fewer blocks before it than top_k attends to all of them, as in Quest.
     density : float or None
         Instead of top_k: the fraction of the key blocks up to its own that each query keeps, in (0, 1].
     """
@@ -95,10 +97,12 @@ class BlockTopK(AttentionMethod):
     summary = "each query attends to its own block + the top_k - 1 blocks with the highest score bound"
 
     block_size: int = 64
-    top_k: int | None = 8
+    top_k: int | None = None
     density: float | None = None
 
     def validate(self):
+        if self.top_k is None and self.density is None:
+            self.top_k = DEFAULT_TOP_K
         check(self.name, "block_size", isinstance(self.block_size, int) and self.block_size >= 1,
               "an integer >= 1", self.block_size)
         if (self.top_k is None) == (self.density is None):
@@ -111,17 +115,9 @@ class BlockTopK(AttentionMethod):
             check(self.name, "density", isinstance(self.density, (int, float)) and 0 < self.density <= 1,
                   "in (0, 1]", self.density)
 
-    def check_blocks(self, mask: AttentionMask) -> None:
-        n_blocks = math.ceil((mask.kv_offset + mask.kv_len) / self.block_size)
-        if self.top_k is not None and self.top_k > n_blocks:
-            raise ValueError(f"{self.name}: top_k={self.top_k} is larger than the {n_blocks} key blocks of this "
-                             f"sequence ({mask.kv_offset + mask.kv_len} tokens / block_size {self.block_size}); "
-                             "use a smaller top_k or density=")
-
     def attend(self, query, key, value, mask, call: AttendCall):
         if call.dropout:
             raise ValueError(f"{self.name}: attention dropout is not supported")
-        self.check_blocks(mask)
         # Selection and its bounds cost queries x key blocks: make them a chunk of query tiles at a time.
         outs, pairs = [], 0
         for q0 in range(0, query.shape[2], SELECT_CHUNK):

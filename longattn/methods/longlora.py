@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..kernels.dense import dense_attention
 from ..kernels.grouped import shifted_group_attention
-from .base import AttendCall, AttentionMethod, check
+from .base import AttendCall, AttentionMethod, check, group_for_density
 
 
 @dataclass
@@ -23,6 +23,9 @@ class ShiftedSparse(AttentionMethod):
     ----------
     group_size : int
         Tokens per group (>= 2, even).
+    density, density_length : float, int or None
+        Instead of group_size: the smallest even group dividing `density_length` whose density over it
+        reaches `density` ((group + 1) / (length + 1)).
     """
 
     name = "s2_attn"
@@ -30,8 +33,13 @@ class ShiftedSparse(AttentionMethod):
     summary = "LongLoRA shifted sparse attention: groups, half of the heads shifted by half a group (training)"
 
     group_size: int = 2048
+    density: float | None = None
+    density_length: int | None = None
 
     def validate(self):
+        group_for_density(self, 2048, lambda g, mask: mask.causal_pair_count() * (g + 1) // (mask.q_len + 1))
+        while self.density is not None and self.density_length % self.group_size:
+            self.group_size += 2  # the sequence must split into whole groups
         check(self.name, "group_size", isinstance(self.group_size, int) and self.group_size >= 2
               and self.group_size % 2 == 0, "an even integer >= 2", self.group_size)
 

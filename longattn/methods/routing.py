@@ -98,6 +98,9 @@ class Routing(AttentionMethod):
         Lloyd steps on each prefill's keys before routing (>= 0; 0 keeps the centroids as they are).
     seed : int
         Seed of the initial centroids.
+    density : float or None
+        Instead of n_clusters: round(1 / density) clusters, so about that density where clusters are balanced
+        (content decides the real one; the meter reports it).
     """
 
     name = "routing"
@@ -108,9 +111,16 @@ class Routing(AttentionMethod):
     decay: float = 0.999
     fit_iterations: int = 0
     seed: int = 0
+    density: float | None = None
     centroids: dict = field(default_factory=dict, repr=False, compare=False)  # layer -> [H, C, D]
 
     def validate(self):
+        if self.density is not None:
+            check(self.name, "density", isinstance(self.density, (int, float)) and 0 < self.density <= 1,
+                  "in (0, 1]", self.density)
+            if self.n_clusters != 8:
+                raise ValueError(f"{self.name}: give either n_clusters or density (which sets it), not both")
+            self.n_clusters = max(1, round(1 / self.density))
         check(self.name, "n_clusters", isinstance(self.n_clusters, int) and self.n_clusters >= 1,
               "an integer >= 1", self.n_clusters)
         check(self.name, "decay", isinstance(self.decay, (int, float)) and 0 <= self.decay < 1, "in [0, 1)",

@@ -1,13 +1,14 @@
 """SinkLoRA's SF-Attn: shifted sparse attention without wrap-around, plus global attention sinks."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import AttentionMask, grouped
-from .base import AttendCall, AttentionMethod, check
+from .base import AttendCall, AttentionMethod, check, group_for_density
 
 
 @dataclass
@@ -28,6 +29,9 @@ class SinkShiftedSparse(AttentionMethod):
         Initial tokens every query attends to (>= 0).
     backend : str
         "gathered" (keys within a group's reach only), a dense kernel with the mask, or "auto".
+    density, density_length : float, int or None
+        Instead of group_size: the smallest even group whose density (sinks included) over `density_length`
+        tokens reaches `density`.
     """
 
     name = "sf_attn"
@@ -38,8 +42,12 @@ class SinkShiftedSparse(AttentionMethod):
     group_size: int = 2048
     sink_tokens: int = 4
     backend: str = "auto"
+    density: float | None = None
+    density_length: int | None = None
 
     def validate(self):
+        group_for_density(self, 2048, lambda g, mask: dataclasses.replace(self, group_size=g, density=None,
+                                                                          density_length=None).computed_pairs(mask))
         check(self.name, "group_size", isinstance(self.group_size, int) and self.group_size >= 2
               and self.group_size % 2 == 0, "an even integer >= 2", self.group_size)
         check(self.name, "sink_tokens", isinstance(self.sink_tokens, int) and self.sink_tokens >= 0,

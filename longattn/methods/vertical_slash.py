@@ -2,6 +2,7 @@
 the last queries of the prompt."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from ..kernels.dense import dense_attention
 from ..kernels.masks import AttentionMask
 from .base import AttendCall, AttentionMethod, check
 
+DEFAULT_VERTICAL, DEFAULT_SLASH = 1000, 2048  # MInference's default sizes
 QUERY_CHUNK = 512  # queries per step of the kernel (bounds the gathered diagonal keys)
 
 
@@ -104,7 +106,12 @@ class VerticalSlash(AttentionMethod):
     Parameters
     ----------
     vertical_size, slash_size : int
-        Columns and diagonals kept per head (>= 1).
+        Columns and diagonals kept per head (>= 1; 1000 and 2048 unless `density` is given).
+    density : float or None
+        Instead of the two sizes, in (0, 1]: at each prompt length S, columns + diagonals = density x (S + 1) / 2
+        rounded down, at least one of each (a column or diagonal covers at most S of the S (S + 1) / 2 causal pairs),
+        split 1 : 2 as in the default sizes. It bounds the density from above; the meter reports what was
+        attended.
     last_q : int
         Queries used to estimate the pattern (>= 1).
     sink_columns, local_diagonals : int
@@ -115,14 +122,37 @@ class VerticalSlash(AttentionMethod):
     paper = "Jiang et al. 2024, MInference 1.0 (arXiv:2407.02490)"
     summary = "per-head key columns + diagonals estimated from the last queries (prefill)"
 
-    vertical_size: int = 1000
-    slash_size: int = 2048
+    vertical_size: int | None = None
+    slash_size: int | None = None
     last_q: int = 64
     sink_columns: int = 4
     local_diagonals: int = 64
+    density: float | None = None
 
     def validate(self):
-        for name in ("vertical_size", "slash_size", "last_q"):
+        if self.density is not None:
+            if self.vertical_size is not None or self.slash_size is not None:
+                raise ValueError(f"{self.name}: give either density or vertical_size / slash_size, not both")
+            check(self.name, "density", isinstance(self.density, (int, float)) and 0 < self.density <= 1,
+                  "in (0, 1]", self.density)
+            return self._validate_always()
+        self.vertical_size = DEFAULT_VERTICAL if self.vertical_size is None else self.vertical_size
+        self.slash_size = DEFAULT_SLASH if self.slash_size is None else self.slash_size
+        for name in ("vertical_size", "slash_size"):
+            value = getattr(self, name)
+            check(self.name, name, isinstance(value, int) and value >= 1, "an integer >= 1", value)
+        self._validate_always()
+
+    def sizes(self, length: int) -> tuple[int, int]:
+        """(columns, diagonals) per head for a prompt of `length` tokens."""
+        if self.density is None:
+            return self.vertical_size, self.slash_size
+        budget = max(2, math.floor(self.density * (length + 1) / 2))
+        vertical = max(1, round(budget * DEFAULT_VERTICAL / (DEFAULT_VERTICAL + DEFAULT_SLASH)))
+        return vertical, max(1, budget - vertical)
+
+    def _validate_always(self):
+        for name in ("last_q",):
             value = getattr(self, name)
             check(self.name, name, isinstance(value, int) and value >= 1, "an integer >= 1", value)
         for name in ("sink_columns", "local_diagonals"):
@@ -136,9 +166,9 @@ class VerticalSlash(AttentionMethod):
             return dense_attention(query, key, value, mask, scale=call.scale, softcap=call.softcap)
         if call.softcap is not None:
             raise ValueError(f"{self.name}: logit soft-capping (Gemma2) is not supported")
-        columns, diagonals = vertical_slash_select(query, key, mask, call.scale, self.vertical_size,
-                                                   self.slash_size, self.last_q, self.sink_columns,
-                                                   self.local_diagonals)
+        vertical_size, slash_size = self.sizes(mask.kv_offset + mask.kv_len)
+        columns, diagonals = vertical_slash_select(query, key, mask, call.scale, vertical_size, slash_size,
+                                                   self.last_q, self.sink_columns, self.local_diagonals)
         call.attended_pairs = _pairs(mask, columns, diagonals)
         return vertical_slash_attention(query, key, value, mask, columns, diagonals, call.scale)
 

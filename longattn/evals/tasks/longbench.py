@@ -44,6 +44,9 @@ class LongBench(Task):
     max_new_tokens: int = 32
     _records: list = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self):
+        self.records()  # a missing or malformed file is an error now, before any model loads
+
     def records(self) -> list[dict]:
         if self._records is None:
             if not self.path:
