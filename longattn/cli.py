@@ -10,9 +10,9 @@ DEMO_SWEEP = {
     "name": "demo",
     "description": "Both faces of sparsity on one model: perplexity with and without attention sinks, and pass-key "
                    "retrieval inside vs beyond a sliding window.",
-    "seed": 0, "samples": 6, "batch_size": 1, "lengths": [2048], "tasks": ["passkey"], "filler": "grass",
-    "methods": [{"method": "dense"}, {"method": "sliding_window", "grid": {"window": [256, 1024]}},
-                {"method": "sink_window", "params": {"sink_tokens": 4}, "grid": {"window": [252]}}],
+    "seed": 0, "samples": 10, "batch_size": 1, "lengths": [2048], "tasks": ["passkey"], "filler": "grass",
+    "methods": [{"method": "dense"}, {"method": "sliding_window", "grid": {"window": [256]}},
+                {"method": "sink_window", "params": {"sink_tokens": 4}, "grid": {"window": [252, 1020]}}],
     "perplexity": {"text": "licenses", "lengths": [2048], "tokens": 4096, "stride": 1024},
 }
 
@@ -197,7 +197,7 @@ def _cmd_demo(args) -> int:
     records = run_sweep(sweep, out, model_and_tokenizer=(model, tok), dtype=args.dtype, device=args.device)
     print(markdown_table(records))
     print(_demo_story(records))
-    for p in write_report(records, args.out_dir, title=f"longattn demo ({args.model})"):
+    for p in write_report(records, args.out_dir, title="longattn demo"):
         print(f"wrote {p}")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "a window, on SmolLM2 (about 4 minutes on 2 cores)")
     model_args(p, default="smollm2-135m-instruct")
     p.add_argument("--out-dir", type=Path, default=Path("longattn-demo"))
-    p.add_argument("--samples", type=int, default=6)
+    p.add_argument("--samples", type=int, default=10)
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="chat-template prompts (default: when the tokenizer has a template)")
     p.set_defaults(func=_cmd_demo)
