@@ -338,6 +338,15 @@ def _metric(tasks, task):
     return f"score ({', '.join(ms)})" if ms else "score"
 
 
+def _by_label(records, task: str, length: int) -> dict[str, list[dict]]:
+    """The records of one panel (task, length), grouped by configuration."""
+    groups = defaultdict(list)
+    for r in records:
+        if r["task"] == task and r["length"] == length:
+            groups[config_label(r)].append(r)
+    return groups
+
+
 def _grid(plt, rows, cols, w=3.4, h=2.9, **kw):
     fig, axes = plt.subplots(rows, cols, figsize=(w * cols + 0.6, h * rows + 0.9), squeeze=False, **kw)
     return fig, axes
@@ -352,10 +361,7 @@ def _score_vs_density(tasks, by_cell, style, out_dir: Path, title: str, plt) -> 
     for i, task in enumerate(task_names):
         for j, length in enumerate(lengths):
             ax = axes[i][j]
-            groups = defaultdict(list)
-            for r in tasks:
-                if r["task"] == task and r["length"] == length:
-                    groups[config_label(r)].append(r)
+            groups = _by_label(tasks, task, length)
             frontier = defaultdict(list)
             for label, rs in sorted(groups.items()):
                 kv = _kv_policy(rs[0])
@@ -441,10 +447,7 @@ def _score_vs_kv(tasks, by_cell, style, out_dir: Path, title: str, plt) -> Path:
     for i, task in enumerate(task_names):
         for j, length in enumerate(lengths):
             ax = axes[i][j]
-            groups = defaultdict(list)
-            for r in shown:
-                if r["task"] == task and r["length"] == length:
-                    groups[config_label(r)].append(r)
+            groups = _by_label(shown, task, length)
             lines = defaultdict(list)
             for label, rs in sorted(groups.items()):
                 kv = _kv_policy(rs[0])

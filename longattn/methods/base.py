@@ -68,57 +68,46 @@ class AttentionMethod:
 def window_for_density(method: AttentionMethod, default_window: int, sink_tokens: int = 0, dilation: int = 1) -> None:
     """Window family: when `density` is given, set `window` to the smallest window whose attention density
     (attended / causal pairs) over a causal sequence of `density_length` tokens reaches it."""
-    density, length = method.density, method.density_length
-    if density is None and length is None:
-        return
-    check(method.name, "density", isinstance(density, (int, float)) and 0 < density <= 1, "a number in (0, 1]",
-          density)
-    check(method.name, "density_length", isinstance(length, int) and length >= 1,
-          "an integer >= 1 (the sequence length at which the density is met)", length)
-    if method.window != default_window:
-        raise ValueError(f"{method.name}: give either window or density (which sets the window), not both")
-    from ..kernels.masks import AttentionMask
-
-    mask = AttentionMask.causal(length)
-    target = density * mask.causal_pair_count()
-    lo, hi = 1, length
-    while lo < hi:  # pair counts grow with the window: bisect
-        mid = (lo + hi) // 2
-        if mask.pair_count(mid, sink_tokens=sink_tokens, dilation=dilation) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    reached = mask.pair_count(lo, sink_tokens=sink_tokens, dilation=dilation) / mask.causal_pair_count()
-    if reached < density:
-        raise ValueError(f"{method.name}: density {density} cannot be reached over {length} tokens with these "
-                         f"parameters (at most {reached:.3f}, e.g. with dilation {dilation})")
-    method.window = lo
+    size_for_density(method, "window", default_window,
+                     lambda w, mask: mask.pair_count(w, sink_tokens=sink_tokens, dilation=dilation),
+                     hint=f", e.g. with dilation {dilation}")
 
 
 def group_for_density(method: AttentionMethod, default_group: int, pairs) -> None:
     """Shifted-group family: when `density` is given, set `group_size` to the smallest even group whose density
     over a causal sequence of `density_length` tokens reaches it; `pairs(group, mask)` counts attended pairs."""
+    size_for_density(method, "group_size", default_group, pairs, step=2)
+
+
+def size_for_density(method: AttentionMethod, attr: str, default: int, pairs, step: int = 1, hint: str = "") -> None:
+    """Set `method.<attr>` to the smallest multiple of `step` whose pairs (`pairs(size, causal mask)`, growing with
+    the size) over `method.density_length` tokens reach `method.density` of the causal pairs; nothing when neither
+    is given."""
     density, length = method.density, method.density_length
     if density is None and length is None:
         return
     check(method.name, "density", isinstance(density, (int, float)) and 0 < density <= 1, "a number in (0, 1]",
           density)
-    check(method.name, "density_length", isinstance(length, int) and length >= 2,
-          "an integer >= 2 (the sequence length at which the density is met)", length)
-    if method.group_size != default_group:
-        raise ValueError(f"{method.name}: give either group_size or density (which sets it), not both")
+    check(method.name, "density_length", isinstance(length, int) and length >= step,
+          f"an integer >= {step} (the sequence length at which the density is met)", length)
+    if getattr(method, attr) != default:
+        raise ValueError(f"{method.name}: give either {attr} or density (which sets the {attr}), not both")
     from ..kernels.masks import AttentionMask
 
     mask = AttentionMask.causal(length)
     target = density * mask.causal_pair_count()
-    lo, hi = 1, (length + 1) // 2  # group = 2 * half; a group of the whole sequence is dense
-    while lo < hi:  # pair counts grow with the group: bisect
+    lo, hi = 1, -(-length // step)
+    while lo < hi:  # pair counts grow with the size: bisect
         mid = (lo + hi) // 2
-        if pairs(2 * mid, mask) >= target:
+        if pairs(step * mid, mask) >= target:
             hi = mid
         else:
             lo = mid + 1
-    method.group_size = 2 * lo
+    reached = pairs(step * lo, mask) / mask.causal_pair_count()
+    if reached < density:
+        raise ValueError(f"{method.name}: density {density} cannot be reached over {length} tokens with these "
+                         f"parameters (at most {reached:.3f}{hint})")
+    setattr(method, attr, step * lo)
 
 
 def check(method: str, param: str, ok: bool, allowed: str, value: Any) -> None:
