@@ -10,9 +10,9 @@ DEMO_SWEEP = {
     "name": "demo",
     "description": "Both faces of sparsity on one model: perplexity with and without attention sinks, and pass-key "
                    "retrieval inside vs beyond a sliding window.",
-    "seed": 0, "samples": 10, "batch_size": 1, "lengths": [2048], "tasks": ["passkey"], "filler": "grass",
+    "seed": 0, "samples": 10, "batch_size": 1, "lengths": [1024], "tasks": ["passkey"], "filler": "grass",
     "methods": [{"method": "dense"}, {"method": "sliding_window", "grid": {"window": [256]}},
-                {"method": "sink_window", "params": {"sink_tokens": 4}, "grid": {"window": [252, 1020]}}],
+                {"method": "sink_window", "params": {"sink_tokens": 4}, "grid": {"window": [252, 508]}}],
     "perplexity": {"text": "licenses", "lengths": [2048], "tokens": 4096, "stride": 1024},
 }
 
@@ -215,7 +215,7 @@ def _demo_story(records: list[dict]) -> str:
     samples = [r for r in records if r.get("record") == "sample"]
     for r in (r for r in cells if r["kind"] == "task"):
         mine = sorted((s for s in samples if s["cell"] == r["cell"]), key=lambda s: s["depth"])
-        marks = " ".join(f"{s['depth']:.1f}:{'found' if s['score'] else 'miss'}" for s in mine)
+        marks = " ".join(f"{s['depth']:.2f}:{'found' if s['score'] else 'miss'}" for s in mine)
         lines.append(f"  {config_label(r):42s} {r['score']:.2f}  {marks}")
     return "\n".join(lines)
 

@@ -47,6 +47,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "| passkey | 1024 | dense |" in out and "sliding_window(window=256)" in out
     # The story: perplexity per configuration, and each prompt's needle depth found or missed.
-    assert "Perplexity (every token scored once" in out and "0.0:found" in out and "1.0:" in out
+    assert "Perplexity (every token scored once" in out and "0.00:found" in out and "1.00:" in out
     assert (tmp_path / "score_vs_density.png").stat().st_size > 1000
     assert (tmp_path / "report.md").exists()
