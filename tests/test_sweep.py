@@ -105,7 +105,7 @@ def test_records_and_report(sweep_setup, tmp_path):
     path, model, tok = sweep_setup
     sweep = load_sweep(path)
     sweep.cells = [c for c in sweep.cells if c.length in (320, 32)]
-    everything = run_sweep(sweep, tmp_path / "r.jsonl", model_and_tokenizer=(model, tok, "tiny"), progress=False)
+    everything = run_sweep(sweep, tmp_path / "r.jsonl", model_and_tokenizer=(model, tok), progress=False)
     records = [r for r in everything if r["record"] == "cell"]
     assert len(records) == 9 and len(everything) == 9 + 6 * 2  # and 2 prompt records per task cell
     for r in records:
@@ -183,7 +183,7 @@ def test_kv_policies_in_a_sweep(sweep_setup, tmp_path):
     sweep = load_sweep(path)
     assert [c.kind for c in sweep.cells].count("perplexity") == 1  # dense only
     sweep.cells = [c for c in sweep.cells if c.kind == "task"]
-    records = run_sweep(sweep, tmp_path / "kv.jsonl", model_and_tokenizer=(model, tok, "tiny"), progress=False)
+    records = run_sweep(sweep, tmp_path / "kv.jsonl", model_and_tokenizer=(model, tok), progress=False)
     records = [r for r in records if r["record"] == "cell"]
     per_token = 2 * 3 * 2 * 16 * 4  # keys + values, layers, KV heads, head dim, fp32 (per sample)
     by = {(r["method"], r["params"].get("kv_budget")): r["kv_cache_bytes"] for r in records}
@@ -192,3 +192,14 @@ def test_kv_policies_in_a_sweep(sweep_setup, tmp_path):
     assert by["dense", None] > 256 * per_token
     written = write_report(records, tmp_path / "kvreport", title="kv")
     assert "score_vs_kv_budget.png" in {p.name for p in written}
+
+
+def test_text_file_is_read_as_it_is(tmp_path):
+    from longattn.evals.texts import check_text_spec, load_text
+
+    path = tmp_path / "t.txt"
+    path.write_text("First paragraph.\n\n\nSecond, after two empty lines.\n  indented\n")
+    assert load_text(str(path)) == path.read_text()  # empty lines and indentation kept
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        check_text_spec(str(tmp_path / "absent.txt"))
+    check_text_spec("licenses")

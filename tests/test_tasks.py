@@ -146,7 +146,7 @@ def test_prompts_framed_with_bos_or_chat_template_keep_their_length(bos_chat_tok
     assert reply.endswith(ANSWER_LEAD_IN[name]) and not reply.startswith(" ")  # the answer's lead-in opens it
     assert tok.decode(raw.input_ids).endswith(ANSWER_LEAD_IN[name])
     assert raw.answers == chat.answers
-    if "depths" in raw.meta:
+    if "needle_spans" in raw.meta:
         (a, n), (b, m) = chat.meta["needle_spans"][0], raw.meta["needle_spans"][0]
         assert chat.input_ids[a:a + n] == raw.input_ids[b:b + m]  # the same needle, where the meta says it is
 
@@ -156,3 +156,9 @@ def test_chat_without_a_template_is_an_error(small_tokenizer):
 
     with pytest.raises(ValueError, match="chat prompts need a tokenizer with a chat template"):
         make_task("passkey").make(small_tokenizer, 300, seed=0, prompt=PromptFormat(chat=True))
+
+
+def test_kv_retrieval_reports_where_the_asked_pair_sits(small_tokenizer):
+    s = make_task("kv_retrieval").make(small_tokenizer, 700, seed=1, depth=0.5)
+    (depth,) = s.meta["depths"]
+    assert depth == s.meta["depth_index"] / (s.meta["pairs"] - 1) and 0.4 <= depth <= 0.6

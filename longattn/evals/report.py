@@ -362,7 +362,7 @@ def _score_vs_density(tasks, by_cell, style, out_dir: Path, title: str, plt) -> 
         for j, length in enumerate(lengths):
             ax = axes[i][j]
             groups = _by_label(tasks, task, length)
-            frontier = defaultdict(list)
+            frontier, at = defaultdict(list), {}
             for label, rs in sorted(groups.items()):
                 kv = _kv_policy(rs[0])
                 if kv:  # a KV policy attends to all it keeps while prefilling: its sparsity is in decoding
@@ -370,10 +370,14 @@ def _score_vs_density(tasks, by_cell, style, out_dir: Path, title: str, plt) -> 
                           for r in rs]
                 else:
                     xs = [r["density_prefill"] for r in rs if r.get("density_prefill") is not None]
-                if not xs:
-                    continue
-                x, p = mean(xs), _point(rs, by_cell)
-                _draw(ax, [x], [p], *style[label], hollow=bool(kv), line=False)
+                if xs:
+                    at[label] = (mean(xs), kv, rs)
+            for label, (x, kv, rs) in at.items():
+                # Configurations at (nearly) the same density: shift their marks apart so no error bar hides another.
+                near = sorted((k for k, v in at.items() if abs(v[0] - x) < 0.02), key=_config_order)
+                shift = 0.015 * (near.index(label) - (len(near) - 1) / 2)
+                p = _point(rs, by_cell)
+                _draw(ax, [x + shift], [p], *style[label], hollow=bool(kv), line=False)
                 frontier[(rs[0]["method"], kv)].append((x, p[0]))
                 entries[label] = (label, label + " (decode density)" if kv else label, bool(kv))
             for pts in frontier.values():  # a method's parameter values, joined thinly: its frontier

@@ -149,7 +149,7 @@ def sample_depths(n: int) -> list[float]:
 
 def _run_task(model, tokenizer, cell: Cell, model_name: str, samples, batch_size: int, meter, done: dict,
               on_samples, progress: bool) -> dict:
-    depths = sample_depths(len(samples))
+    dtype = str(next(model.parameters()).dtype)
     todo = [i for i in range(len(samples)) if i not in done]
     records = dict(done)
     new_tokens = new_wall = 0.0
@@ -170,7 +170,8 @@ def _run_task(model, tokenizer, cell: Cell, model_name: str, samples, batch_size
             fresh.append({
                 "record": "sample", "cell": cell.key(), "index": i, "task": cell.task, "method": cell.method,
                 "params": cell.params, "layers": cell.layers, "length": cell.length, "model": model_name,
-                "dtype": str(next(model.parameters()).dtype), "chat": cell.chat, "depth": depths[i] if "depths" in s.meta else None, "answers": s.answers,
+                "dtype": dtype, "chat": cell.chat, "depth": s.meta["depths"][0] if "depths" in s.meta else None,
+                "answers": s.answers,
                 "prediction": answer, "score": sc[s.metrics[0]], "scores": sc, "prompt_tokens": len(s.input_ids),
                 "new_tokens": stats["new_tokens"] * share, "wall_s": round(wall * share, 4),
                 "batch_size": len(batch), "kv_cache_bytes": stats["kv_cache_bytes"],

@@ -178,7 +178,8 @@ def _repair_tail(path: Path) -> None:
 
 def run_sweep(sweep: Sweep, out: Path, dry_run: bool = False, model_and_tokenizer=None, progress: bool = True,
               dtype=None, device="auto") -> list[dict]:
-    """Run every cell not yet in `out`; returns all records (old and new). `dtype` overrides the sweep's."""
+    """Run every cell not yet in `out`; returns all records (old and new). `dtype` overrides the sweep's;
+    `model_and_tokenizer` (model, tokenizer) is used instead of loading the sweep's model."""
     return run_cells(sweep.cells, out, sweep.model, dtype or sweep.dtype, device, sweep.batch_size, sweep.name,
                      dry_run, model_and_tokenizer, progress)
 
@@ -216,8 +217,7 @@ def run_cells(cells: list[Cell], out, model: str, dtype="float32", device="auto"
     for r in existing:
         if r.get("record") == "sample" and r["cell"] not in done:
             partial.setdefault(r["cell"], {})[r["index"]] = r
-    loaded = model_and_tokenizer or load_model(model, dtype=dtype, device=device)
-    mdl, tok = loaded[0], loaded[1]
+    mdl, tok = model_and_tokenizer or load_model(model, dtype=dtype, device=device)
     resources = Resources(tok)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +228,7 @@ def run_cells(cells: list[Cell], out, model: str, dtype="float32", device="auto"
         if out is None:
             return
         with open(out, "a") as f:
-            f.writelines(json.dumps({**r, **({"sweep": sweep_name} if sweep_name else {})}) + "\n" for r in records)
+            f.writelines(json.dumps(r) + "\n" for r in records)
             f.flush()
             os.fsync(f.fileno())
 

@@ -5,12 +5,13 @@ from pathlib import Path
 
 BUILTINS = ("licenses", "python-doc", "linux-doc-heldout")
 LICENSES = Path("/usr/share/common-licenses")
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def load_text(spec: str, field: str = "text", split: str = "train") -> str:
     """One long string from `spec`.
 
-    "licenses" (the licence texts every Debian system has in /usr/share/common-licenses, about 55k tokens),
+    "licenses" (the licence texts every Debian system has in /usr/share/common-licenses, about 52k tokens of SmolLM2),
     "python-doc" (Python documentation prose, never seen by the reference model), "linux-doc-heldout" (the
     kernel documentation files held out of the reference model's training), a local .txt / .jsonl / .json /
     .parquet file (a .txt file as it is; records joined by blank lines, `field` naming the text column), or a
@@ -32,8 +33,7 @@ def load_text(spec: str, field: str = "text", split: str = "train") -> str:
     if path.exists():
         if not path.is_file():
             raise ValueError(f"{path}: expected a file, got a directory")
-        builder = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
-                   ".parquet": "parquet"}.get(path.suffix)
+        builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .jsonl, .json or .parquet)")
         if builder == "text":  # the file as it is: datasets' text builder would drop its empty lines
@@ -50,6 +50,18 @@ def load_text(spec: str, field: str = "text", split: str = "train") -> str:
     if field not in ds.column_names:
         raise ValueError(f"{spec}: no column {field!r} (columns: {ds.column_names})")
     return "\n\n".join(str(t) for t in ds[field] if t)
+
+
+def check_text_spec(spec: str) -> None:
+    """Raise now for a text that cannot load: a missing file (named by a supported suffix) or an unsupported type.
+    Built-ins and dataset names are taken as they are (a dataset name can only be checked by loading it)."""
+    if spec in BUILTINS:
+        return
+    path = Path(spec)
+    if path.suffix in FILE_BUILDERS and not path.is_file():
+        raise FileNotFoundError(f"text {spec}: no such file")
+    if path.exists() and path.suffix not in FILE_BUILDERS:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .txt, .jsonl, .json or .parquet)")
 
 
 def _validate_jsonl(path: Path, field: str) -> None:

@@ -135,13 +135,17 @@ class VerticalSlash(AttentionMethod):
                 raise ValueError(f"{self.name}: give either density or vertical_size / slash_size, not both")
             check(self.name, "density", isinstance(self.density, (int, float)) and 0 < self.density <= 1,
                   "in (0, 1]", self.density)
-            return self._validate_always()
-        self.vertical_size = DEFAULT_VERTICAL if self.vertical_size is None else self.vertical_size
-        self.slash_size = DEFAULT_SLASH if self.slash_size is None else self.slash_size
-        for name in ("vertical_size", "slash_size"):
+            at_least_one = ("last_q",)
+        else:
+            self.vertical_size = DEFAULT_VERTICAL if self.vertical_size is None else self.vertical_size
+            self.slash_size = DEFAULT_SLASH if self.slash_size is None else self.slash_size
+            at_least_one = ("vertical_size", "slash_size", "last_q")
+        for name in at_least_one:
             value = getattr(self, name)
             check(self.name, name, isinstance(value, int) and value >= 1, "an integer >= 1", value)
-        self._validate_always()
+        for name in ("sink_columns", "local_diagonals"):
+            value = getattr(self, name)
+            check(self.name, name, isinstance(value, int) and value >= 0, "an integer >= 0", value)
 
     def sizes(self, length: int) -> tuple[int, int]:
         """(columns, diagonals) per head for a prompt of `length` tokens."""
@@ -150,14 +154,6 @@ class VerticalSlash(AttentionMethod):
         budget = max(2, math.floor(self.density * (length + 1) / 2))
         vertical = max(1, round(budget * DEFAULT_VERTICAL / (DEFAULT_VERTICAL + DEFAULT_SLASH)))
         return vertical, max(1, budget - vertical)
-
-    def _validate_always(self):
-        for name in ("last_q",):
-            value = getattr(self, name)
-            check(self.name, name, isinstance(value, int) and value >= 1, "an integer >= 1", value)
-        for name in ("sink_columns", "local_diagonals"):
-            value = getattr(self, name)
-            check(self.name, name, isinstance(value, int) and value >= 0, "an integer >= 0", value)
 
     def attend(self, query, key, value, mask, call: AttendCall):
         if call.dropout:

@@ -39,4 +39,5 @@ class KVRetrieval(Task):
             ids = head + ids_of(tokenizer, body) + tail
         ids = pad_with_spaces(tokenizer, ids, length, len(ids) - len(tail))
         return TaskSample(self.name, ids, [value], self.metrics, len(ids_of(tokenizer, value)) + 4,
-                          {"pairs": len(pairs), "depth_index": pos})
+                          {"pairs": len(pairs), "depth_index": pos,
+                           "depths": [pairs.index((key, value)) / max(1, len(pairs) - 1)]})
