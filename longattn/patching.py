@@ -181,7 +181,7 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
         _check_kwargs(module, kwargs)
     cache_layer = take_pending(getattr(module, "layer_idx", None))
     if cache_layer is not None:
-        cache_layer.check_entries(key, module)
+        cache_layer.receive(key, value, module)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if cache_layer is not None and cache_layer.compressed:
         out, allowed = cache_layer.attend(query, default_pattern(getattr(module, _LAYER_ATTR, None), cache_layer),

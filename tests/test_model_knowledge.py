@@ -97,13 +97,6 @@ def test_learned_sinks_refused_by_methods_that_do_not_implement_them():
         model(input_ids=ids, attention_mask=mask)
 
 
-def test_latent_attention_refuses_kv_policies_but_runs_sparse_methods():
-    model = tiny_model("deepseek_v3")
-    with pytest.raises(longattn.UnsupportedModelError, match="multi-head latent attention"):
-        longattn.patch(model, "snapkv", kv_budget=8)
-    longattn.patch(model, "sliding_window", window=4)  # exactness: tests/test_architectures.py
-
-
 def test_streaming_llm_rotates_each_layer_with_its_own_rope_table():
     from longattn.models import rotary_inv_freq
 

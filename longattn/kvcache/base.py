@@ -172,6 +172,6 @@ def protect_recent(scores: torch.Tensor, inp: ScoreInput, window: int) -> torch.
     return scores.masked_fill(inp.token_index > newest - window, float("inf"))
 
 
-def drop_invalid(scores: torch.Tensor, inp: ScoreInput) -> torch.Tensor:
-    """Pads and empty slots go first (-inf), whatever the policy thinks of them."""
-    return scores.masked_fill(~inp.valid, float("-inf"))
+def drop_invalid(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Pads and empty slots (valid False) go first (-inf), whatever the policy thinks of them."""
+    return scores.masked_fill(~valid, float("-inf"))

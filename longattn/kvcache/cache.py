@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLay
 
 from ..kernels.dense import dense_attention, repeat_kv
 from ..kernels.masks import AttentionMask, causal
-from ..models import rotary_inv_freq
+from ..models import latent_kv_cache, rope_in_cache, rotary_inv_freq
 from .base import KVPolicy, ScoreInput, drop_invalid
 
 # The layer whose `update` ran last on this thread and still waits for its queries. transformers calls
@@ -46,9 +46,14 @@ class CompressedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, cache: "CompressedCache"):
-        super().__init__()
+    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, cache: "CompressedCache",
+                 latent: bool = False):
+        DynamicLayer.__init__(self)
         self.policy, self.layer_idx, self.n_layers, self.cache = policy, layer_idx, n_layers, cache
+        # An MLA layer caches one shared latent and RoPE key per token; its attention sees them expanded to per-head
+        # keys and values (`view`), which is what attention and scoring use, while eviction acts on the latents.
+        self.latent = latent
+        self.view: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cumulative_length = 0
         self.token_index = self.valid = None
         self.entry_state: dict[str, torch.Tensor] = {}
@@ -120,6 +125,7 @@ class CompressedLayer(DynamicLayer):
         """Attention of this forward's queries over the kept + new entries, by stream index: causal, valid
         entries only, restricted by the layer's positional `pattern` (a mask function over stream indices, or
         None for plain causal) and by the model's own sliding window. Returns [B, Hq, Q, D]."""
+        keys, values = self.attended_entries()
         q_tok = self.token_index[:, :1, -self.n_new:].unsqueeze(-1)  # [B, 1, Q, 1]
         k_tok = self.token_index.unsqueeze(2)  # [B, Hkv, 1, N]
         allowed = self.valid.unsqueeze(2) & (k_tok <= q_tok)
@@ -129,21 +135,31 @@ class CompressedLayer(DynamicLayer):
             allowed = allowed & pattern(b, h, q_tok, k_tok)
         if sliding_window is not None:
             allowed = allowed & (q_tok - k_tok < sliding_window)
-        allowed = repeat_kv(allowed, query.shape[1] // self.keys.shape[1])
+        allowed = repeat_kv(allowed, query.shape[1] // allowed.shape[1])
         mask = AttentionMask.from_tensor(allowed)
-        return dense_attention(query, self.keys, self.values, mask, scale=scale, softcap=softcap,
+        return dense_attention(query, keys, values, mask, scale=scale, softcap=softcap,
                                backend="sdpa" if softcap is None else "math", learned_sinks=learned_sinks), allowed
 
-    def check_entries(self, key: torch.Tensor, module) -> None:
-        """The attention function must receive exactly the entries this layer holds; a model that transforms
-        its cached entries before attention (latent caches) cannot be compressed by attending over them."""
-        if key.shape != self.keys.shape:
-            from ..patching import UnsupportedModelError
+    def receive(self, key: torch.Tensor, value: torch.Tensor, module) -> None:
+        """Take the keys and values the attention function was given. They must be exactly the entries this
+        layer holds, or, for an MLA layer, those entries expanded per head (one key and value per entry)."""
+        self.view = None
+        if key.shape == self.keys.shape and value.shape == self.values.shape:
+            return
+        if self.latent and key.shape[0] == self.keys.shape[0] and key.shape[2] == value.shape[2] == \
+                self.keys.shape[2]:
+            self.view = key, value
+            return
+        from ..patching import UnsupportedModelError
 
-            raise UnsupportedModelError(
-                f"longattn KV cache: {type(module).__name__} attends over keys of shape {tuple(key.shape)} but "
-                f"caches entries of shape {tuple(self.keys.shape)} (it transforms its cache before attention); "
-                f"longattn's KV policies cannot compress such a cache")
+        raise UnsupportedModelError(
+            f"longattn KV cache: {type(module).__name__} attends over keys of shape {tuple(key.shape)} but "
+            f"caches entries of shape {tuple(self.keys.shape)} (it transforms its cache before attention); "
+            f"longattn's KV policies cannot compress such a cache")
+
+    def attended_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values attention runs over: the entries, or their per-head expansion (MLA)."""
+        return (self.keys, self.values) if self.view is None else self.view
 
     def first_token(self) -> torch.Tensor:
         """[B] stream index of each sequence's first real (non-pad) token among the entries."""
@@ -161,21 +177,30 @@ class CompressedLayer(DynamicLayer):
         keep = self.policy.target(n, self.prompt_length if first else None, self.layer_idx, self.n_layers)
         if keep is None and not self.policy.stateful:
             return
-        inp = ScoreInput(self.keys, self.values, self.token_index, self.valid, query, self.n_new, scale, softcap,
-                         self.layer_idx, self.n_layers, first, self.entry_state, self.state, learned_sinks)
+        keys, values = self.attended_entries()
+        heads = (keys.shape[0], keys.shape[1], keys.shape[2])
+        inp = ScoreInput(keys, values, self.token_index.expand(heads), self.valid.expand(heads), query, self.n_new,
+                         scale, softcap, self.layer_idx, self.n_layers, first, self.entry_state, self.state,
+                         learned_sinks)
         scores = self.policy.score(inp)
+        self.view = None
         if keep is None:
             return
-        idx, slot_valid = self.policy.select(drop_invalid(scores, inp), keep)
+        if scores.shape[1] != self.keys.shape[1]:
+            # MLA: every head reads the same latent entries, so the heads' scores are pooled into one (their mean;
+            # attention-based scores are sums over query heads per KV head, and a mean ranks as the sum does).
+            scores = scores.mean(1, keepdim=True)
+        idx, slot_valid = self.policy.select(drop_invalid(scores, self.valid), keep)
         self.evict(idx, slot_valid)
 
     def evict(self, idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
         """Keep entries `idx` [B, Hkv, M] (slots with slot_valid False become empty)."""
         def take(t):
-            return t.gather(2, idx) if t.dim() == 3 else t.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+            ix = idx.expand(-1, t.shape[1], -1)  # per-head policy memory of an MLA layer spans every head
+            return t.gather(2, ix) if t.dim() == 3 else t.gather(2, ix.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
 
         kept_valid = take(self.valid) & slot_valid
-        self.keys = take(self.keys)
+        self.keys, self.values = take(self.keys), take(self.values)
         if self.policy.shifts_positions:
             # StreamingLLM measures distances in the cache, not in the text: a query must see each kept key as
             # far away as the number of kept tokens between them. RoPE scores depend only on position
@@ -186,8 +211,8 @@ class CompressedLayer(DynamicLayer):
             evicted.scatter_(2, idx, False)
             counts = evicted.long()
             after = counts.sum(-1, keepdim=True) - counts.cumsum(-1)
-            self.keys = self.cache.rerotate(self.keys, after.gather(2, idx), self.layer_idx)
-        self.values = take(self.values)
+            rope = self.cache.rope_tensor  # "keys", or "values" for MLA (its cached RoPE key)
+            setattr(self, rope, self.cache.rerotate(getattr(self, rope), after.gather(2, idx), self.layer_idx))
         self.token_index = take(self.token_index)
         self.valid = kept_valid
         self.entry_state.update({k: take(v) for k, v in self.entry_state.items()})
@@ -208,6 +233,7 @@ class CompressedCache(DynamicCache):
         check_compressible(model)
         n_layers = num_layers(model)
         attention_layers = {m.layer_idx for m in attention_modules(model)}
+        latent = latent_kv_cache(model)
         base = DynamicCache(config=model.config) if base is None else base
         layers = list(base.layers)
         if len(layers) < n_layers:  # a lazily built cache: its layers would all have been DynamicLayers
@@ -217,10 +243,11 @@ class CompressedCache(DynamicCache):
                 raise _unsupported(f"{type(model).__name__}: its cache layer {i} is a {type(layers[i]).__name__}; "
                                    f"longattn's KV policies replace only plain attention layers (DynamicLayer, "
                                    f"DynamicSlidingWindowLayer)")
-            layers[i] = CompressedLayer(policy, i, n_layers, self)
+            layers[i] = CompressedLayer(policy, i, n_layers, self, latent=latent)
         self.policy = policy
         self._new_validity: torch.Tensor | None = None
         self._rotary = {i: rotary_inv_freq(model, i) for i in attention_layers} if policy.shifts_positions else None
+        self.rope_tensor, self._rope_interleaved = rope_in_cache(model)
         Cache.__init__(self, layers=layers)
 
     # -------------------------------------------------------------------------- set by the model hook
@@ -238,7 +265,8 @@ class CompressedCache(DynamicCache):
     # ------------------------------------------------------------------------- StreamingLLM positions
     def rerotate(self, keys: torch.Tensor, delta: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Rotate RoPE keys [B, H, N, D] of layer `layer_idx` (in place) by `delta` [B, H, N] more positions with
-        that layer's table; rotations compose, and only the keys with a nonzero delta are touched."""
+        that layer's table; rotations compose, and only the keys with a nonzero delta are touched. The rotary
+        dims come first, as two halves, or as adjacent pairs where the model rotates them so (DeepSeek-V2)."""
         moved = delta != 0
         if not bool(moved.any()):
             return keys
@@ -247,8 +275,13 @@ class CompressedCache(DynamicCache):
         k = keys[moved].float()  # [M, D]
         angle = delta[moved].unsqueeze(-1).float() * inv_freq  # [M, half]
         cos, sin = angle.cos(), angle.sin()
-        x1, x2 = k[:, :half], k[:, half:2 * half]
-        k = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, k[:, 2 * half:]], dim=-1)
+        if self._rope_interleaved:
+            x1, x2 = k[:, 0:2 * half:2], k[:, 1:2 * half:2]
+            pairs = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+            k = torch.cat([pairs, k[:, 2 * half:]], dim=-1)
+        else:
+            x1, x2 = k[:, :half], k[:, half:2 * half]
+            k = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, k[:, 2 * half:]], dim=-1)
         keys[moved] = k.to(keys.dtype)
         return keys
 
@@ -286,10 +319,6 @@ def check_compressible(model) -> None:
     if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache():
         raise _unsupported(f"{name} keeps a cache class of its own, not transformers' DynamicCache, whose "
                            f"attention layers longattn's KV policies compress")
-    if getattr(cfg, "kv_lora_rank", None):
-        raise _unsupported(f"{name} uses multi-head latent attention: its cache holds the compressed latent "
-                           f"(kv_lora_rank={cfg.kv_lora_rank}) and the RoPE key, not per-head keys and values, and "
-                           f"longattn's KV policies do not score latent entries (sparse attention methods do work)")
     if getattr(cfg, "kv_sharing_modes", None) is not None or getattr(cfg, "num_kv_shared_layers", 0):
         raise _unsupported(f"{name} shares KV-cache entries between layers; evicting them for one layer would change "
                            f"what the others see, which longattn's KV policies do not handle")

@@ -81,6 +81,23 @@ def eager_function(module: nn.Module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def latent_kv_cache(model) -> bool:
+    """Multi-head latent attention (DeepSeek-V2 and its descendants): the cache holds one shared latent per token
+    (kv_lora_rank wide) and one shared RoPE key, which each forward expands into per-head keys and values."""
+    return bool(getattr(model.config.get_text_config(decoder=True), "kv_lora_rank", None))
+
+
+def rope_in_cache(model) -> tuple[str, bool]:
+    """(which cached tensor carries the RoPE-rotated key, whether its rotary pairs are interleaved). Plain
+    attention caches rotated keys ("keys", the first rotary dims, halves layout); MLA caches the rotated shared key
+    as the layer's second tensor ("values"); DeepSeek-V2 rotates adjacent pairs as complex numbers."""
+    if not latent_kv_cache(model):
+        return "keys", False
+    attn = attention_modules(model)
+    src = inspect.getsource(sys.modules[type(attn[0]).__module__]) if attn else ""
+    return "values", "view_as_complex" in src
+
+
 def rotary_inv_freq(model, layer_idx: int) -> torch.Tensor:
     """The RoPE inverse frequencies layer `layer_idx` rotates its keys with. Models with one table per layer type
     (Gemma 3: local and global) keep `{layer_type}_inv_freq` buffers on one rotary module."""

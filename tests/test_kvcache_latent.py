@@ -1,0 +1,130 @@
+"""KV policies on multi-head latent attention (DeepSeek-V2/V3 style): the cache holds one shared latent and RoPE
+key per token; entries are scored with the per-head keys the model expands from them, pooled over heads, and
+evicted as latents. Checked against explicit references: decoding over the kept latents equals the unpatched
+model run over the whole text with each layer's last query masked to the kept tokens; the kept set is the best by
+explicitly computed head-averaged scores; StreamingLLM turns the cached RoPE key (both rotary layouts)."""
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+import longattn
+from longattn.kvcache import CompressedCache
+from longattn.models import eager_function
+from longattn.models.tiny import tiny_model
+
+PROMPT, BUDGET = 20, 9
+
+
+def model_for(arch):
+    model = tiny_model(arch).eval()
+    with torch.no_grad():  # sharper attention, so that scores differ between entries
+        for name, p in model.named_parameters():
+            if ("q_b_proj" in name or "kv_b_proj" in name or "q_proj" in name) and p.ndim == 2:
+                p.mul_(3.0)
+    return model
+
+
+def batch(vocab):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, min(vocab, 100), (2, PROMPT), generator=g)
+    mask = torch.ones(2, PROMPT, dtype=torch.long)
+    ids[1, :4], mask[1, :4] = 0, 0
+    return ids, mask
+
+
+def masked_reference_logits(model, ids, mask, kept):
+    """The unpatched model (eager) over the whole text; in every layer the LAST query attends only to the stream
+    indices kept[layer][b] plus itself (earlier queries are the prefill's, unrestricted)."""
+    def attention(module, query, key, value, attention_mask, **kw):
+        allowed = torch.ones(query.shape[0], 1, query.shape[2], key.shape[2], dtype=torch.bool)
+        allowed[:, :, -1, :] = False
+        for b, toks in enumerate(kept[module.layer_idx]):
+            allowed[b, 0, -1, toks + [key.shape[2] - 1]] = True
+        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
+        return eager_function(module)(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("latent_reference", attention)
+    AttentionMaskInterface.register("latent_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    original = model.config._attn_implementation
+    model.set_attn_implementation("latent_reference")
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    finally:
+        model.set_attn_implementation(original)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("policy,params", [("snapkv", dict(window=3, kernel_size=3)), ("h2o", {}), ("knorm", {}),
+                                           ("tova", {}), ("adakv", dict(window=3))])
+def test_decoding_over_kept_latents_equals_masked_reference(arch, policy, params):
+    model = model_for(arch)
+    ids, mask = batch(model.config.vocab_size)
+    longattn.patch(model, policy, kv_budget=BUDGET, **params)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    nxt = torch.tensor([[7], [9]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        layers = sorted(i for i, layer in enumerate(cache.layers) if hasattr(layer, "token_index"))
+        kept = {i: [cache.kept_positions(i)[b, 0][cache.kept_positions(i)[b, 0] >= 0].tolist() for b in range(2)]
+                for i in layers}
+        assert all(cache.layers[i].keys.shape[1] == 1 for i in layers)  # one latent "head"
+        assert all(len(k) <= BUDGET for per in kept.values() for k in per)
+        assert all(min(k) >= 4 for k in (kept[i][1] for i in layers))  # pads never kept
+        got = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                    cache=cache, use_cache=True).logits[:, -1]
+    longattn.unpatch(model)
+    ref = masked_reference_logits(model, torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                                  kept)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_knorm_pools_the_per_head_key_norms_of_each_latent():
+    model = model_for("deepseek_v3")
+    ids, mask = batch(model.config.vocab_size)
+    longattn.patch(model, "knorm", kv_budget=BUDGET)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    longattn.unpatch(model)
+    plain = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=plain, use_cache=True)
+    attn = model.model.layers[0].self_attn
+    latents, rope_keys = plain.layers[0].keys, plain.layers[0].values
+    keys, _ = attn.expand_kv(latents, rope_keys)  # [B, heads, N, D]: the keys attention really uses
+    for b in range(2):
+        scores = [-sum(float(keys[b, h, j].double().norm()) for h in range(keys.shape[1])) for j in range(PROMPT)]
+        real = [j for j in range(PROMPT) if mask[b, j]]
+        expected = sorted(sorted(real, key=lambda j: -scores[j])[:BUDGET])
+        assert cache.kept_positions(0)[b, 0].tolist() == expected
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])  # RoPE as halves / as interleaved pairs
+def test_streaming_llm_turns_the_cached_rope_key_to_cache_positions(arch):
+    model = model_for(arch)
+    ids = torch.randint(3, 90, (1, 24), generator=torch.Generator().manual_seed(8))
+    longattn.patch(model, "streaming_llm", sink_tokens=2, window=6)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    longattn.unpatch(model)
+    kept = cache.kept_positions(0)[0, 0]
+    assert kept.tolist() == [0, 1, 18, 19, 20, 21, 22, 23]
+
+    def fresh(tokens, first_position):
+        plain = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=tokens, position_ids=torch.arange(first_position, first_position + tokens.shape[1])[None],
+                  cache=plain, use_cache=True)
+        return plain.layers[0]
+
+    # 16 tokens evicted: the sinks' RoPE keys move to sit right before the window (positions 16..23); the
+    # latents carry no position and stay as they were.
+    layer = fresh(ids[:, kept], 16)
+    assert torch.allclose(cache.layers[0].values, layer.values, atol=1e-5)
+    assert torch.allclose(cache.layers[0].keys, layer.keys, atol=1e-6)
+    unshifted = fresh(ids[:, kept], 0).values
+    assert not torch.allclose(cache.layers[0].values[..., :2, :], unshifted[..., :2, :], atol=1e-3)
