@@ -19,7 +19,8 @@ from torch import nn
 
 from .kernels.masks import AttentionMask, full
 from .methods import METHODS, AttendCall, AttentionMethod, make_method
-from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_modules, cross_attention_modules, eager_function,
+from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_layer_indices, attention_modules,
+                     cross_attention_modules, eager_function, is_shared,
                      num_layers, own_sparse_layers)
 from .recipes import find_recipe, load_recipe, recipe_names
 
@@ -179,7 +180,7 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     s_aux = kwargs.get("s_aux")
     if getattr(module, _LAYER_ATTR, None) is not None or getattr(module, _SP_ATTR, None) is not None:
         _check_kwargs(module, kwargs)
-    cache_layer = take_pending(getattr(module, "layer_idx", None))
+    cache_layer = take_pending(module)
     if cache_layer is not None:
         cache_layer.receive(key, value, module)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -299,9 +300,10 @@ def _check_supported(model) -> list[nn.Module]:
     mods = attention_modules(model)
     if why is None and not mods:
         why = "no softmax self-attention layer on transformers' AttentionInterface was found"
-    if why is None and any(m.layer_idx is None for m in mods):
+    if why is None and any(m.layer_idx is None and not is_shared(m) for m in mods):
         why = "its attention modules do not know their layer index"
-    if why is None and len({m.layer_idx for m in mods}) != len(mods):
+    own = [m.layer_idx for m in mods if not is_shared(m)]
+    if why is None and len(set(own)) != len(own):
         why = ("several stacks of attention layers share layer indices (e.g. byte-level local and global "
                "transformers), so a layer index and a token position do not name one thing")
     if why is None and not all(getattr(m, "is_causal", False) is True for m in mods):
@@ -393,8 +395,17 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
     """
     mods = _check_supported(model)
     spec, recipe_layers, policy = resolve_kv_cache(method, kv_cache, params)
-    attention_layers = tuple(m.layer_idx for m in mods)
+    attention_layers = attention_layer_indices(model)
     chosen = _resolve_layers(recipe_layers if layers is None else layers, attention_layers, num_layers(model))
+    shared = any(is_shared(m) for m in mods)
+    if shared and spec.per_layer:
+        raise UnsupportedModelError(
+            f"longattn: {type(model).__name__}'s attention modules are shared by several layers and do not know "
+            f"which one calls them, and {spec.name!r} attends differently per layer")
+    if shared and chosen != attention_layers:
+        raise UnsupportedModelError(
+            f"longattn: {type(model).__name__}'s attention modules are shared by its layers {list(attention_layers)}; "
+            f"one module cannot attend two ways, so patch all of them (layers=None)")
     own = {i: t for i, t in own_sparse_layers(model).items() if i in chosen}
     if own and spec.name != "dense":
         raise UnsupportedModelError(
@@ -425,7 +436,7 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
     for m in mods:
         setattr(m, _ORIG_ATTR, original)
         setattr(m, _METER_ATTR, state.meter)
-        if m.layer_idx in chosen:
+        if m.layer_idx in chosen or is_shared(m):
             setattr(m, _LAYER_ATTR, spec)
             if sp is not None:
                 setattr(m, _SP_ATTR, sp)

@@ -92,3 +92,40 @@ def assert_decode_matches_prefill(model, ids, prefix: int = 0):
         for t in range(prefix, ids.shape[1]):
             steps.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def kept_by_layer(cache, layers) -> dict:
+    """{layer: [batch][KV head] -> stream indices the compressed cache holds}."""
+    pos = {i: cache.kept_positions(i) for i in layers}
+    return {i: [[p[b, h][p[b, h] >= 0].tolist() for h in range(p.shape[1])] for b in range(p.shape[0])]
+            for i, p in pos.items()}
+
+
+def masked_reference_logits(model, ids, mask, kept):
+    """The unpatched model (eager) over the whole text; in every layer the LAST query of each head attends only to
+    the stream indices its KV head keeps (kept[layer][b][kv_head], from `kept_by_layer`) plus itself; earlier
+    queries are the prefill's, unrestricted."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    from longattn.models import eager_function
+
+    def attention(module, query, key, value, attention_mask, **kw):
+        allowed = torch.ones(query.shape[0], query.shape[1], query.shape[2], key.shape[2], dtype=torch.bool)
+        allowed[:, :, -1, :] = False
+        for b, per_head in enumerate(kept[module.layer_idx]):
+            groups = query.shape[1] // len(per_head)
+            for qh in range(query.shape[1]):
+                allowed[b, qh, -1, per_head[qh // groups] + [key.shape[2] - 1]] = True
+        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
+        return eager_function(module)(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("masked_reference", attention)
+    AttentionMaskInterface.register("masked_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    original = model.config._attn_implementation
+    model.set_attn_implementation("masked_reference")
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    finally:
+        model.set_attn_implementation(original)

@@ -5,13 +5,11 @@ model run over the whole text with each layer's last query masked to the kept to
 explicitly computed head-averaged scores; StreamingLLM turns the cached RoPE key (both rotary layouts)."""
 import pytest
 import torch
+from conftest import kept_by_layer, masked_reference_logits
 from transformers import DynamicCache
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
 
 import longattn
 from longattn.kvcache import CompressedCache
-from longattn.models import eager_function
 from longattn.models.tiny import tiny_model
 
 PROMPT, BUDGET = 20, 9
@@ -34,28 +32,6 @@ def batch(vocab):
     return ids, mask
 
 
-def masked_reference_logits(model, ids, mask, kept):
-    """The unpatched model (eager) over the whole text; in every layer the LAST query attends only to the stream
-    indices kept[layer][b] plus itself (earlier queries are the prefill's, unrestricted)."""
-    def attention(module, query, key, value, attention_mask, **kw):
-        allowed = torch.ones(query.shape[0], 1, query.shape[2], key.shape[2], dtype=torch.bool)
-        allowed[:, :, -1, :] = False
-        for b, toks in enumerate(kept[module.layer_idx]):
-            allowed[b, 0, -1, toks + [key.shape[2] - 1]] = True
-        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
-        return eager_function(module)(module, query, key, value, attention_mask, **kw)
-
-    AttentionInterface.register("latent_reference", attention)
-    AttentionMaskInterface.register("latent_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    original = model.config._attn_implementation
-    model.set_attn_implementation("latent_reference")
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask).logits[:, -1]
-    finally:
-        model.set_attn_implementation(original)
-
-
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])
 @pytest.mark.parametrize("policy,params", [("snapkv", dict(window=3, kernel_size=3)), ("h2o", {}), ("knorm", {}),
                                            ("tova", {}), ("adakv", dict(window=3))])
@@ -68,11 +44,10 @@ def test_decoding_over_kept_latents_equals_masked_reference(arch, policy, params
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
         layers = sorted(i for i, layer in enumerate(cache.layers) if hasattr(layer, "token_index"))
-        kept = {i: [cache.kept_positions(i)[b, 0][cache.kept_positions(i)[b, 0] >= 0].tolist() for b in range(2)]
-                for i in layers}
+        kept = kept_by_layer(cache, layers)
         assert all(cache.layers[i].keys.shape[1] == 1 for i in layers)  # one latent "head"
-        assert all(len(k) <= BUDGET for per in kept.values() for k in per)
-        assert all(min(k) >= 4 for k in (kept[i][1] for i in layers))  # pads never kept
+        assert all(len(k[0]) <= BUDGET for per in kept.values() for k in per)
+        assert all(min(kept[i][1][0]) >= 4 for i in layers)  # pads never kept
         got = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
                     cache=cache, use_cache=True).logits[:, -1]
     longattn.unpatch(model)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer,
+                                      LinearAttentionAndFullAttentionLayer,
+                                      LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
 
 from ..kernels.dense import dense_attention, repeat_kv
 from ..kernels.masks import AttentionMask, causal
-from ..models import latent_kv_cache, rope_in_cache, rotary_inv_freq
+from ..models import is_shared, latent_kv_cache, rope_in_cache, rotary_inv_freq
 from .base import KVPolicy, ScoreInput, drop_invalid
 
 # The layer whose `update` ran last on this thread and still waits for its queries. transformers calls
@@ -28,9 +30,11 @@ from .base import KVPolicy, ScoreInput, drop_invalid
 _pending = threading.local()
 
 
-def take_pending(layer_idx) -> "CompressedLayer | None":
+def take_pending(module) -> "CompressedLayer | None":
+    """The cache layer waiting for `module`'s attention: the one whose `update` the module just called (a shared
+    module, serving several layers, is the one whose layer updated)."""
     layer = getattr(_pending, "layer", None)
-    if layer is None or layer.layer_idx != layer_idx:
+    if layer is None or (not is_shared(module) and layer.layer_idx != getattr(module, "layer_idx", None)):
         return None
     _pending.layer = None
     return layer
@@ -102,6 +106,9 @@ class CompressedLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed KV cache cannot be cropped (evicted entries are gone)")
+
+    def reset(self) -> None:
+        raise NotImplementedError("a compressed KV cache cannot be reset in place; make a new one")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._batch_apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -219,6 +226,41 @@ class CompressedLayer(DynamicLayer):
         self.compressed = True
 
 
+class CompressedHybridLayer(LinearAttentionLayer, CompressedLayer):
+    """A layer of a hybrid model that holds both linear-attention (conv / recurrent) state and softmax attention
+    keys and values (Falcon-H1, Zaya): the attention entries are compressed, the linear-attention state is kept
+    exactly as transformers' own layer keeps it."""
+
+    is_croppable = False
+
+    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, cache: "CompressedCache",
+                 number_of_states: int, latent: bool = False):
+        CompressedLayer.__init__(self, policy, layer_idx, n_layers, cache, latent=latent)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # As transformers' hybrid layers: `update` passes (keys, values); the conv / recurrent updates keywords.
+        if len(args) == 2 and not kwargs:
+            CompressedLayer.lazy_initialization(self, *args)
+        else:
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def reset(self) -> None:
+        CompressedLayer.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+        CompressedLayer.reorder_cache(self, beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        CompressedLayer.crop(self, tokens_to_remove)
+
+
+# The cache layers whose attention entries longattn compresses (anything else is left alone or refused).
+_PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+_HYBRID_LAYERS = (LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer)
+
+
 class CompressedCache(DynamicCache):
     """The model's own DynamicCache with each softmax-attention layer replaced by a `CompressedLayer` sharing one
     policy; SSM, convolution and linear-attention layers of hybrid models stay exactly as transformers made them.
@@ -228,22 +270,26 @@ class CompressedCache(DynamicCache):
     """
 
     def __init__(self, policy: KVPolicy, model, base: Cache | None = None):
-        from ..models import attention_modules, num_layers
+        from ..models import attention_layer_indices, num_layers
 
         check_compressible(model)
         n_layers = num_layers(model)
-        attention_layers = {m.layer_idx for m in attention_modules(model)}
+        attention_layers = set(attention_layer_indices(model))
         latent = latent_kv_cache(model)
         base = DynamicCache(config=model.config) if base is None else base
         layers = list(base.layers)
         if len(layers) < n_layers:  # a lazily built cache: its layers would all have been DynamicLayers
             layers += [DynamicLayer() for _ in range(n_layers - len(layers))]
         for i in sorted(attention_layers):
-            if type(layers[i]) not in (DynamicLayer, DynamicSlidingWindowLayer):
-                raise _unsupported(f"{type(model).__name__}: its cache layer {i} is a {type(layers[i]).__name__}; "
-                                   f"longattn's KV policies replace only plain attention layers (DynamicLayer, "
-                                   f"DynamicSlidingWindowLayer)")
-            layers[i] = CompressedLayer(policy, i, n_layers, self, latent=latent)
+            kind = type(layers[i])
+            if kind in _PLAIN_LAYERS:
+                layers[i] = CompressedLayer(policy, i, n_layers, self, latent=latent)
+            elif kind in _HYBRID_LAYERS:
+                layers[i] = CompressedHybridLayer(policy, i, n_layers, self, layers[i].number_of_states, latent)
+            else:
+                raise _unsupported(f"{type(model).__name__}: its cache layer {i} is a {kind.__name__}; longattn's "
+                                   f"KV policies replace only attention layers of these kinds: "
+                                   f"{[k.__name__ for k in _PLAIN_LAYERS + _HYBRID_LAYERS]}")
         self.policy = policy
         self._new_validity: torch.Tensor | None = None
         self._rotary = {i: rotary_inv_freq(model, i) for i in attention_layers} if policy.shifts_positions else None
@@ -251,10 +297,23 @@ class CompressedCache(DynamicCache):
         Cache.__init__(self, layers=layers)
 
     # -------------------------------------------------------------------------- set by the model hook
-    def set_new_validity(self, attention_mask: torch.Tensor | None, q: int) -> None:
-        """The 2D attention mask of the coming forward; its last q columns say which new tokens are pads."""
-        self._new_validity = None if attention_mask is None or attention_mask.dim() != 2 else \
-            attention_mask[:, -q:].bool()
+    def set_new_validity(self, attention_mask, q: int) -> None:
+        """Which of the coming forward's q new tokens are pads, read from the mask the model is given: a 2D
+        padding mask, or masks already built (a tensor [B, 1, Q, K], longattn's lazy mask, or a dict of them by
+        layer type, as generate passes hybrid models while decoding): a token is real iff it may attend to
+        itself."""
+        if isinstance(attention_mask, dict):
+            attention_mask = next((m for m in attention_mask.values() if m is not None), None)
+        if isinstance(attention_mask, AttentionMask):
+            pad = attention_mask.query_padding()
+            self._new_validity = None if pad is None else pad[:, -q:].bool()
+        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            self._new_validity = attention_mask[:, -q:].bool()
+        elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            own = attention_mask[:, 0, -q:, -q:].diagonal(dim1=-2, dim2=-1)
+            self._new_validity = own if own.dtype == torch.bool else own == 0
+        else:
+            self._new_validity = None
 
     def new_token_validity(self, b: int, q: int, device) -> torch.Tensor:
         v = self._new_validity

@@ -53,6 +53,7 @@ class AttentionCalibration(AttentionMethod):
     """
 
     name = "act"
+    per_layer = True
     paper = "Yu et al. 2024, Unveiling and Harnessing Hidden Attention Sinks (ICML 2024, arXiv:2406.15765)"
     summary = "training-free: scale attention to non-first-token sinks by beta, redistribute to other tokens"
 

@@ -37,6 +37,8 @@ class AttentionMethod:
     summary: ClassVar[str] = ""
     # Whether attend() honours call.learned_sinks; others are refused on models that have them.
     learned_sinks: ClassVar[bool] = False
+    # Whether attend() depends on call.layer_idx (per-layer heads, seeds, ...); refused on shared attention modules.
+    per_layer: ClassVar[bool] = False
 
     def __post_init__(self):
         self.validate()

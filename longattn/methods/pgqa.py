@@ -59,6 +59,7 @@ class PerturbedGQA(AttentionMethod):
     """
 
     name = "pgqa"
+    per_layer = True
     paper = "Khan et al. 2024, Key-Driven Grouped Query Attention (arXiv:2408.08454)"
     summary = "static GQA groups with row-matched Gaussian noise subtracted from the attention maps in training"
 

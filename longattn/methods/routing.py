@@ -104,6 +104,7 @@ class Routing(AttentionMethod):
     """
 
     name = "routing"
+    per_layer = True
     paper = "Roy et al. 2021, Routing Transformers (arXiv:2003.05997)"
     summary = "per-head online k-means routing: attend to earlier keys in the same cluster"
 

@@ -61,6 +61,26 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return sorted(mods, key=lambda m: (m.layer_idx is None, m.layer_idx or 0))
 
 
+def is_shared(module: nn.Module) -> bool:
+    """An attention module shared by several decoder layers, which pass their own index with each call (the tied
+    transformer blocks of Zamba, layer_idx None, and Zamba2, layer_idx -1)."""
+    return module.layer_idx == -1 or (module.layer_idx is None and
+                                      "layer_idx" in inspect.signature(type(module).forward).parameters)
+
+
+def attention_layer_indices(model: nn.Module) -> tuple[int, ...]:
+    """The decoder layers whose softmax self-attention longattn patches, by the model's own index. Shared attention
+    modules serve every layer that transformers' DynamicCache builds an attention cache layer for."""
+    mods = attention_modules(model)
+    own = {m.layer_idx for m in mods if not is_shared(m)}
+    if len(own) < len(mods):
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        layers = DynamicCache(config=model.config).layers
+        own |= {i for i, layer in enumerate(layers) if isinstance(layer, DynamicLayer)}
+    return tuple(sorted(own))
+
+
 def cross_attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for n, m in interface_modules(model) if is_cross_attention(n, m)]
 

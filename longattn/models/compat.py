@@ -155,7 +155,7 @@ def check_generate(model, ids, mask) -> str:
 
 def check_kv_budget(model, ids, mask) -> str:
     import longattn
-    from longattn.kvcache.cache import CompressedCache
+    from longattn.kvcache.cache import CompressedCache, CompressedLayer
 
     ref = _reference_generate(model, ids, mask)
     with longattn.patched(model, "snapkv", kv_budget=KV_BUDGET, window=4, kernel_size=3):
@@ -169,6 +169,10 @@ def check_kv_budget(model, ids, mask) -> str:
     sizes = compressed.attention_entry_counts()
     if not sizes:
         return "FAIL: the compressed cache holds no attention layer"
+    for i, layer in enumerate(compressed.layers):
+        held = getattr(layer, "keys", None)
+        if not isinstance(layer, CompressedLayer) and held is not None and held.dim() == 4 and held.shape[-2] > KV_BUDGET:
+            return f"FAIL: cache layer {i} ({type(layer).__name__}) holds {held.shape[-2]} entries uncompressed"
     if max(sizes) > KV_BUDGET:
         return f"FAIL: an attention layer holds {max(sizes)} entries > budget {KV_BUDGET}"
     if not torch.equal(got.sequences[:, ids.shape[1]], ref.sequences[:, ids.shape[1]]):
