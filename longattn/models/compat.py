@@ -175,7 +175,8 @@ def check_kv_budget(model, ids, mask) -> str:
             return f"FAIL: cache layer {i} ({type(layer).__name__}) holds {held.shape[-2]} entries uncompressed"
     if max(sizes) > KV_BUDGET:
         return f"FAIL: an attention layer holds {max(sizes)} entries > budget {KV_BUDGET}"
-    if not torch.equal(got.sequences[:, ids.shape[1]], ref.sequences[:, ids.shape[1]]):
+    first = ids.shape[1]  # the position of the first new token ([B, S] sequences; musicgen: [B, codebooks, S])
+    if not torch.equal(got.sequences[..., first], ref.sequences[..., first]):
         return "FAIL: the first new token (before any eviction) differs from the unpatched model's"
     return "pass"
 

@@ -76,8 +76,10 @@ OVERRIDES: dict[str, dict] = {
     # the default has indexed-attention layers but leaves the indexer (QSA) unsized
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
                        "indexer_budget": 8, "indexer_compress_ratio": 4},
-    "musicgen_decoder": {"num_codebooks": 1},  # input_ids rows are (batch x codebooks): one codebook per row
-    "musicgen_melody_decoder": {"num_codebooks": 1},
+    # input_ids rows are (batch x codebooks): one codebook per row; generate starts each row with the decoder
+    # start token, which the default leaves out of the shrunk vocabulary
+    "musicgen_decoder": {"num_codebooks": 1, "decoder_start_token_id": 1},
+    "musicgen_melody_decoder": {"num_codebooks": 1, "decoder_start_token_id": 1},
     "blt": {"use_cache": False},  # BltModel.forward builds DynamicCache(config=BltConfig), which has no layer count
     "xlstm": {"qk_dim_factor": 1.0},  # the config rounds qk_dim up to a multiple of 64, the model does not
     # the shared attention block is tied across its "hybrid" layers: keep two of them (layers 2 and 7)
@@ -86,6 +88,12 @@ OVERRIDES: dict[str, dict] = {
     # the LM head needs a causal decoder; axial position embeddings must add up to hidden_size
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [HIDDEN // 4, 3 * HIDDEN // 4], "axial_pos_shape": [8, 8],
                  "local_attn_chunk_length": 8, "lsh_attn_chunk_length": 8},
+}
+# Generation settings a model's own generate() reads without a default (released checkpoints ship them in their
+# generation_config.json), keyed by model_type.
+GENERATION_OVERRIDES: dict[str, dict] = {
+    "musicgen": {"num_return_sequences": 1},
+    "musicgen_melody": {"num_return_sequences": 1},
 }
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")  # the first one present counts layers
 # Per-layer lists whose length is the number of layers; subsetting them keeps each layer's type.
@@ -234,6 +242,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
         raise ValueError(f"{model_type}: the shrunk config still has {n:,} parameters (> {MAX_PARAMETERS:,})")
     torch.manual_seed(seed)
     model = build(config)
+    for k, v in GENERATION_OVERRIDES.get(model_type, {}).items():
+        setattr(model.generation_config, k, v)
     # Random init gives near-uniform attention; larger query/key weights make patterns (and bugs) visible.
     with torch.no_grad():
         for name, p in model.named_parameters():
