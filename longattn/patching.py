@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .kernels.masks import AttentionMask, full
+from .kernels.masks import AttentionMask, full, selected_keys
 from .methods import METHODS, AttendCall, AttentionMethod, make_method
 from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_layer_indices, attention_modules,
                      cross_attention_modules, eager_function, is_shared,
@@ -185,8 +185,10 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
         cache_layer.receive(key, value, module)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if cache_layer is not None and cache_layer.compressed:
+        indices = kwargs.get("indices")  # DeepSeek Sparse Attention: its indexer's choice among the entries
+        selected = None if indices is None else selected_keys(indices, key.shape[2])
         out, allowed = cache_layer.attend(query, default_pattern(getattr(module, _LAYER_ATTR, None), cache_layer),
-                                          scale, softcap, sliding_window, s_aux)
+                                          scale, softcap, sliding_window, s_aux, selected)
         meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
         if meter is not None:
             q_tok = cache_layer.token_index[0, 0, -query.shape[2]:]
@@ -220,6 +222,9 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         if kwargs.get("s_aux") is not None:
             raise UnsupportedModelError("longattn: sequence-parallel attention does not implement learned "
                                         "attention sinks (s_aux) yet")
+        if kwargs.get("indices") is not None:
+            raise UnsupportedModelError("longattn: sequence-parallel attention does not implement an indexer's "
+                                        "top-k key selection (DeepSeek Sparse Attention)")
 
         out = sequence_parallel_attention(
             sp, query, key, value, attention_mask, scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
@@ -231,6 +236,18 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     method: AttentionMethod | None = getattr(module, _LAYER_ATTR, None)
     meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
     phase = "prefill" if query.shape[2] > 1 else "decode"
+    indices = kwargs.pop("indices", None)
+    if method is None and indices is not None:
+        # The model's own attention with its indexer's choice folded into its mask, as the model itself does for
+        # eager / SDPA (it passes `indices` only to kernels that take them, which longattn's name is not).
+        impl = getattr(module, _ORIG_ATTR)
+        mask = attention_mask.as_model_expects() if isinstance(attention_mask, HFMask) else attention_mask
+        if not isinstance(mask, torch.Tensor):
+            raise UnsupportedModelError(f"longattn: {type(module).__name__} passed indexer indices without a mask")
+        chosen = selected_keys(indices, key.shape[2]).unsqueeze(1)
+        mask = mask & chosen if mask.dtype == torch.bool else mask.masked_fill(~chosen, torch.finfo(mask.dtype).min)
+        return _original_function(module, impl)(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                                sliding_window=sliding_window, softcap=softcap, **kwargs)
     if method is None:  # a layer the method does not cover: the model's own attention, untouched
         impl = getattr(module, _ORIG_ATTR)
         if isinstance(attention_mask, HFMask):
@@ -255,6 +272,10 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     else:
         mask = AttentionMask(query.shape[0], query.shape[2], key.shape[2], full, is_causal=False,
                              device=query.device)
+    if indices is not None:  # the method restricts the model's own choice of keys, as it does its sliding window
+        chosen = selected_keys(indices, key.shape[2])
+        qo, ko = mask.q_offset, mask.kv_offset
+        mask = mask.restrict(lambda b, h, q, k: chosen[b, q - qo, k - ko])
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     s_aux = kwargs.get("s_aux")
     if s_aux is not None and not method.learned_sinks:

@@ -103,3 +103,41 @@ def test_streaming_llm_turns_the_cached_rope_key_to_cache_positions(arch):
     assert torch.allclose(cache.layers[0].keys, layer.keys, atol=1e-6)
     unshifted = fresh(ids[:, kept], 0).values
     assert not torch.allclose(cache.layers[0].values[..., :2, :], unshifted[..., :2, :], atol=1e-3)
+
+
+def test_indexer_keys_are_evicted_with_their_entries_and_its_choice_is_honoured(monkeypatch):
+    """DeepSeek Sparse Attention (DeepSeek-V3.2): the indexer caches one key per entry; after eviction it must hold
+    exactly the kept tokens' indexer keys, and decoding attends only to kept entries the indexer chose."""
+    from longattn.kvcache.cache import CompressedIndexedLayer, CompressedLayer
+
+    model = model_for("deepseek_v32")
+    ids, mask = batch(model.config.vocab_size)
+    plain = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=plain, use_cache=True)
+    longattn.patch(model, "snapkv", kv_budget=BUDGET, window=3, kernel_size=3)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    seen = []
+    attend = CompressedLayer.attend
+
+    def spy(self, query, pattern, scale, softcap, sliding_window, learned_sinks=None, selected=None):
+        out = attend(self, query, pattern, scale, softcap, sliding_window, learned_sinks, selected)
+        seen.append((self.valid.clone(), selected, out[1]))
+        return out
+
+    monkeypatch.setattr(CompressedLayer, "attend", spy)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        for i, layer in enumerate(cache.layers):
+            assert isinstance(layer, CompressedIndexedLayer)
+            kept = cache.kept_positions(i)[:, 0]  # [B, M]
+            expected = plain.layers[i].indexer_keys.gather(1, kept.unsqueeze(-1).expand(-1, -1, layer.indexer_keys.shape[-1]))
+            assert torch.equal(layer.indexer_keys, expected)
+            assert torch.equal(layer.keys, plain.layers[i].keys.gather(2, kept[:, None, :, None].expand_as(layer.keys)))
+        model(input_ids=torch.tensor([[7], [9]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+              cache=cache, use_cache=True)
+    longattn.unpatch(model)
+    assert len(seen) == len(cache.layers)
+    for valid, selected, allowed in seen:
+        assert selected is not None and not bool(selected.all())  # top-8 of 10 entries: the indexer drops some
+        assert torch.equal(allowed[:, 0, -1], valid[:, 0] & selected[:, -1])

@@ -82,6 +82,13 @@ def with_padding(fn: MaskFn, padding: torch.Tensor) -> MaskFn:
     return allowed
 
 
+def selected_keys(indices: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, Q, kv_len] bool: the keys an indexer chose for each query (`indices` [B, Q, top_k] of key indices, as
+    DeepSeek Sparse Attention passes them)."""
+    out = torch.zeros(*indices.shape[:2], kv_len, dtype=torch.bool, device=indices.device)
+    return out.scatter_(-1, indices.long(), True)
+
+
 @dataclass
 class AttentionMask:
     """Which (query, key) pairs may interact in one attention call.

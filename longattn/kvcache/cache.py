@@ -16,13 +16,14 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer,
-                                      LinearAttentionAndFullAttentionLayer,
+from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
+                                      DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                       LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer)
 
 from ..kernels.dense import dense_attention, repeat_kv
 from ..kernels.masks import AttentionMask, causal
-from ..models import is_shared, latent_kv_cache, rope_in_cache, rotary_inv_freq
+from ..models import (is_shared, latent_kv_cache, own_sparse_layers, rope_in_cache, rotary_inv_freq,
+                      shared_indexer_layers)
 from .base import KVPolicy, ScoreInput, drop_invalid
 
 # The layer whose `update` ran last on this thread and still waits for its queries. transformers calls
@@ -49,6 +50,7 @@ class CompressedLayer(DynamicLayer):
     """One attention layer's entries, evicted by `policy` after every forward (see the module docstring)."""
 
     is_croppable = False
+    heads_share_entries = False  # whether all KV heads must keep the same entries (see after_attention)
 
     def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, cache: "CompressedCache",
                  latent: bool = False):
@@ -128,10 +130,11 @@ class CompressedLayer(DynamicLayer):
 
     # ---------------------------------------------------------------------------------- attention side
     def attend(self, query, pattern, scale: float, softcap: float | None, sliding_window: int | None,
-               learned_sinks: torch.Tensor | None = None):
+               learned_sinks: torch.Tensor | None = None, selected: torch.Tensor | None = None):
         """Attention of this forward's queries over the kept + new entries, by stream index: causal, valid
         entries only, restricted by the layer's positional `pattern` (a mask function over stream indices, or
-        None for plain causal) and by the model's own sliding window. Returns [B, Hq, Q, D]."""
+        None for plain causal), by the model's own sliding window and by the entries its indexer `selected`
+        ([B, Q, N] bool, DeepSeek Sparse Attention). Returns [B, Hq, Q, D]."""
         keys, values = self.attended_entries()
         q_tok = self.token_index[:, :1, -self.n_new:].unsqueeze(-1)  # [B, 1, Q, 1]
         k_tok = self.token_index.unsqueeze(2)  # [B, Hkv, 1, N]
@@ -142,6 +145,8 @@ class CompressedLayer(DynamicLayer):
             allowed = allowed & pattern(b, h, q_tok, k_tok)
         if sliding_window is not None:
             allowed = allowed & (q_tok - k_tok < sliding_window)
+        if selected is not None:
+            allowed = allowed & selected.unsqueeze(1)
         allowed = repeat_kv(allowed, query.shape[1] // allowed.shape[1])
         mask = AttentionMask.from_tensor(allowed)
         return dense_attention(query, keys, values, mask, scale=scale, softcap=softcap,
@@ -193,9 +198,10 @@ class CompressedLayer(DynamicLayer):
         self.view = None
         if keep is None:
             return
-        if scores.shape[1] != self.keys.shape[1]:
-            # MLA: every head reads the same latent entries, so the heads' scores are pooled into one (their mean;
-            # attention-based scores are sums over query heads per KV head, and a mean ranks as the sum does).
+        if scores.shape[1] != self.keys.shape[1] or self.heads_share_entries:
+            # MLA: every head reads the same latent entries; an indexer keeps one key per entry for all heads. The
+            # heads' scores are pooled into one (their mean; attention-based scores are sums over query heads per
+            # KV head, and a mean ranks as the sum does), so all heads keep the same entries.
             scores = scores.mean(1, keepdim=True)
         idx, slot_valid = self.policy.select(drop_invalid(scores, self.valid), keep)
         self.evict(idx, slot_valid)
@@ -223,7 +229,39 @@ class CompressedLayer(DynamicLayer):
         self.token_index = take(self.token_index)
         self.valid = kept_valid
         self.entry_state.update({k: take(v) for k, v in self.entry_state.items()})
+        self.evict_extra(idx)
         self.compressed = True
+
+    def evict_extra(self, idx: torch.Tensor) -> None:
+        """Keep entries `idx` of whatever else a layer holds per entry (an indexer's keys)."""
+
+
+class CompressedIndexedLayer(CompressedLayer):
+    """An MLA layer with a DeepSeek Sparse Attention indexer (DeepSeek-V3.2, ...): its indexer keys (one per
+    entry, [B, N, D]) are evicted with the entries they index, so the indexer keeps choosing among kept entries."""
+
+    heads_share_entries = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.indexer_keys: torch.Tensor | None = None
+        self.indexer_position_ids = None  # transformers' field; the models this layer serves never set it
+
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        self.indexer_keys = indexer_key_states if self.indexer_keys is None else \
+            torch.cat([self.indexer_keys, indexer_key_states], dim=1)
+        return self.indexer_keys
+
+    def evict_extra(self, idx: torch.Tensor) -> None:
+        if self.indexer_keys is None:
+            return
+        ix = idx[:, 0]  # the same for every head (heads_share_entries)
+        self.indexer_keys = self.indexer_keys.gather(1, ix.unsqueeze(-1).expand(-1, -1, self.indexer_keys.shape[-1]))
+
+    def _batch_apply(self, fn) -> None:
+        super()._batch_apply(fn)
+        if self.indexer_keys is not None:
+            self.indexer_keys = fn(self.indexer_keys)
 
 
 class CompressedHybridLayer(LinearAttentionLayer, CompressedLayer):
@@ -256,9 +294,12 @@ class CompressedHybridLayer(LinearAttentionLayer, CompressedLayer):
         CompressedLayer.crop(self, tokens_to_remove)
 
 
-# The cache layers whose attention entries longattn compresses (anything else is left alone or refused).
-_PLAIN_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
-_HYBRID_LAYERS = (LinearAttentionAndFullAttentionLayer, LinearAttentionAndSlidingWindowAttentionLayer)
+# transformers' cache layers holding attention entries -> the compressed layer that replaces each (any other cache
+# layer of an attention layer is refused; SSM / conv / linear-attention-only layers are left alone).
+_COMPRESSED = {DynamicLayer: CompressedLayer, DynamicSlidingWindowLayer: CompressedLayer,
+               DynamicIndexedLayer: CompressedIndexedLayer,
+               LinearAttentionAndFullAttentionLayer: CompressedHybridLayer,
+               LinearAttentionAndSlidingWindowAttentionLayer: CompressedHybridLayer}
 
 
 class CompressedCache(DynamicCache):
@@ -281,15 +322,13 @@ class CompressedCache(DynamicCache):
         if len(layers) < n_layers:  # a lazily built cache: its layers would all have been DynamicLayers
             layers += [DynamicLayer() for _ in range(n_layers - len(layers))]
         for i in sorted(attention_layers):
-            kind = type(layers[i])
-            if kind in _PLAIN_LAYERS:
-                layers[i] = CompressedLayer(policy, i, n_layers, self, latent=latent)
-            elif kind in _HYBRID_LAYERS:
-                layers[i] = CompressedHybridLayer(policy, i, n_layers, self, layers[i].number_of_states, latent)
-            else:
-                raise _unsupported(f"{type(model).__name__}: its cache layer {i} is a {kind.__name__}; longattn's "
-                                   f"KV policies replace only attention layers of these kinds: "
-                                   f"{[k.__name__ for k in _PLAIN_LAYERS + _HYBRID_LAYERS]}")
+            kind = _COMPRESSED.get(type(layers[i]))
+            if kind is None:
+                raise _unsupported(f"{type(model).__name__}: its cache layer {i} is a {type(layers[i]).__name__}; "
+                                   f"longattn's KV policies replace only attention layers of these kinds: "
+                                   f"{[k.__name__ for k in _COMPRESSED]}")
+            extra = (layers[i].number_of_states,) if kind is CompressedHybridLayer else ()
+            layers[i] = kind(policy, i, n_layers, self, *extra, latent=latent)
         self.policy = policy
         self._new_validity: torch.Tensor | None = None
         self._rotary = {i: rotary_inv_freq(model, i) for i in attention_layers} if policy.shifts_positions else None
@@ -378,6 +417,16 @@ def check_compressible(model) -> None:
     if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache():
         raise _unsupported(f"{name} keeps a cache class of its own, not transformers' DynamicCache, whose "
                            f"attention layers longattn's KV policies compress")
+    own = own_sparse_layers(model)
+    if own:
+        raise _unsupported(f"{name}'s layers {sorted(own)} are {sorted(set(own.values()))}: their selection of keys "
+                           f"works on runs of consecutive tokens and their positions (folded into the mask), which "
+                           f"evicting entries would break; longattn's KV policies do not run on it")
+    reuse = shared_indexer_layers(model)
+    if reuse:
+        raise _unsupported(f"{name}'s layers {reuse} reuse the previous layer's indexer top-k, which names entries "
+                           f"of that layer's cache; evicting per layer would make it name other tokens, so longattn's "
+                           f"KV policies do not run on it (sparse attention methods do)")
     if getattr(cfg, "kv_sharing_modes", None) is not None or getattr(cfg, "num_kv_shared_layers", 0):
         raise _unsupported(f"{name} shares KV-cache entries between layers; evicting them for one layer would change "
                            f"what the others see, which longattn's KV policies do not handle")

@@ -24,7 +24,7 @@ INERT_KWARGS = frozenset({
     "implementation", "output_router_logits",
 })
 # Keyword arguments longattn's attention function honours itself (see patching.longattn_attention).
-HANDLED_KWARGS = frozenset({"dropout", "scaling", "sliding_window", "softcap", "s_aux"})
+HANDLED_KWARGS = frozenset({"dropout", "scaling", "sliding_window", "softcap", "s_aux", "indices"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +143,22 @@ def rotary_inv_freq(model, layer_idx: int) -> torch.Tensor:
 OWN_SPARSE_LAYER_TYPES = ("indexed_attention", "heavily_compressed_attention", "compressed_sparse_attention")
 
 
+def hands_over_selection(module: nn.Module) -> bool:
+    """Whether the module passes its indexer's top-k keys to the attention function as `indices` (DeepSeek Sparse
+    Attention) instead of folding them into the mask tensor: longattn then sees the model's own selection apart
+    from its mask and composes a method with it exactly, as it does with the model's sliding window."""
+    return "indices=" in inspect.getsource(type(module).forward)
+
+
 def own_sparse_layers(model) -> dict[int, str]:
-    """{layer index: layer type} of the layers whose attention is sparse by the model's own design."""
+    """{layer index: layer type} of the layers whose attention is sparse by the model's own design, in a way
+    longattn cannot separate from their mask (see hands_over_selection)."""
     types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
-    return {i: t for i, t in enumerate(types) if t in OWN_SPARSE_LAYER_TYPES}
+    handed = {m.layer_idx for m in attention_modules(model) if hands_over_selection(m)}
+    return {i: t for i, t in enumerate(types) if t in OWN_SPARSE_LAYER_TYPES and i not in handed}
+
+
+def shared_indexer_layers(model) -> list[int]:
+    """Layers that reuse the previous layer's indexer top-k instead of running their own (GLM-5, HY-V4)."""
+    types = getattr(model.config.get_text_config(decoder=True), "indexer_types", None) or []
+    return [i for i, t in enumerate(types) if t == "shared"]

@@ -58,19 +58,36 @@ def _reference_attention(module, query, key, value, attention_mask, **kwargs):
     if getattr(module, "_compat_cross", False):  # cross-attention is not what a window method changes
         return eager(module, query, key, value, attention_mask, **kwargs)
     allowed = sink_window_allowed(_reference_mask2d[0], query.shape[2], key.shape[2]).to(query.device)
+    indices = kwargs.pop("indices", None)  # DeepSeek Sparse Attention's top-k keys per query
+    if indices is not None:
+        chosen = torch.zeros(indices.shape[0], 1, query.shape[2], key.shape[2], dtype=torch.bool)
+        for b in range(indices.shape[0]):
+            for i in range(query.shape[2]):
+                chosen[b, 0, i, indices[b, i].long()] = True
+        allowed = allowed & chosen
     neg = torch.finfo(query.dtype).min
     if attention_mask is None:
         attention_mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+    elif attention_mask.dtype == torch.bool:  # the SDPA builder's mask: made additive for the eager function
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype).masked_fill(~attention_mask, neg)
     attention_mask = attention_mask[..., : key.shape[2]].masked_fill(~allowed, neg)
-    return eager(module, query, key, value, attention_mask, **kwargs)
+    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    # A real query left with no key (the window and an indexer's top-k share none) attends to nothing: zero, not
+    # the uniform average a finite mask value would give.
+    empty = (attention_mask == neg).all(-1).any(1) & _reference_mask2d[0][:, -query.shape[2]:].bool()
+    return out.masked_fill(empty[:, :, None, None], 0.0), weights
 
 
-def _register_reference() -> None:
+def _register_reference(original: str) -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(REFERENCE_NAME, _reference_attention)
-    AttentionMaskInterface.register(REFERENCE_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    # The mask the model builds for its own implementation: models that read it (an indexer choosing top-k keys)
+    # then see exactly what they see when patched, where they are given that mask too.
+    builder = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ("eager", "sdpa") else \
+        ALL_MASK_ATTENTION_FUNCTIONS["eager"]
+    AttentionMaskInterface.register(REFERENCE_NAME, builder)
 
 
 def _logits(model, ids, mask):
@@ -105,10 +122,10 @@ def check_window(model, ids, mask) -> str:
 
     from . import cross_attention_modules
 
-    _register_reference()
+    original = model.config._attn_implementation
+    _register_reference(original)
     for m in cross_attention_modules(model):
         m._compat_cross = True
-    original = model.config._attn_implementation
     _reference_mask2d[0] = mask
     try:
         model.set_attn_implementation(REFERENCE_NAME)
