@@ -252,8 +252,8 @@ def test_attention_over_kept_entries_matches_explicit_per_head_reference():
         seen = {}
         original = CompressedLayer.attend
 
-        def spy(self, query, pattern, scale, softcap, sliding_window, learned_sinks=None):
-            out = original(self, query, pattern, scale, softcap, sliding_window, learned_sinks)
+        def spy(self, query, pattern, scale, softcap, sliding_window, learned_sinks=None, selected=None):
+            out = original(self, query, pattern, scale, softcap, sliding_window, learned_sinks, selected)
             if self.layer_idx == 1:
                 seen.update(query=query, out=out[0], keys=self.keys, values=self.values, valid=self.valid,
                             scale=scale)
@@ -361,8 +361,8 @@ def test_composes_with_sliding_window_in_decoding(recorder):
     seen = []
     original = CompressedLayer.attend
 
-    def spy(self, query, pattern, scale, softcap, sliding_window, learned_sinks=None):
-        out = original(self, query, pattern, scale, softcap, sliding_window, learned_sinks)
+    def spy(self, query, pattern, scale, softcap, sliding_window, learned_sinks=None, selected=None):
+        out = original(self, query, pattern, scale, softcap, sliding_window, learned_sinks, selected)
         seen.append((self.token_index[:, :, -1:], self.token_index, self.valid, out[1]))
         return out
 
