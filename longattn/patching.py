@@ -21,7 +21,7 @@ from .kernels.masks import AttentionMask, full, selected_keys
 from .methods import METHODS, AttendCall, AttentionMethod, make_method
 from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_layer_indices, attention_modules,
                      cross_attention_modules, eager_function, is_shared,
-                     num_layers, own_sparse_layers)
+                     kv_source_layers, num_layers, own_sparse_layers)
 from .recipes import find_recipe, load_recipe, recipe_names
 
 ATTN_NAME = "longattn"
@@ -29,6 +29,7 @@ _LAYER_ATTR = "_longattn_method"  # set on each patched attention module
 _ORIG_ATTR = "_longattn_original"  # the model's original attention implementation name, on every module
 _METER_ATTR = "_longattn_meter"  # the model's DensityMeter, on every module
 _SP_ATTR = "_longattn_sp"  # a longattn.parallel SequenceParallel, on each patched module when attention is sharded
+_KV_SOURCE_ATTR = "_longattn_kv_source"  # on a layer that reuses another's keys and values: that layer's index
 _CONFIG_ORIG_ATTR = "_longattn_original_impl"  # on the patched model's configs: what HFMask materializes for it
 
 
@@ -170,7 +171,7 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
                        sliding_window=None, softcap=None, **kwargs):
     """The function registered under AttentionInterface["longattn"]; dispatches per layer, and lets a
     compressed KV cache (longattn.kvcache) attend over what it kept and evict after seeing the queries."""
-    from .kvcache.cache import default_pattern, take_pending
+    from .kvcache.cache import default_pattern, shared_entries, take_pending
 
     if not hasattr(module, _ORIG_ATTR):
         raise UnsupportedModelError(
@@ -183,15 +184,21 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     cache_layer = take_pending(module)
     if cache_layer is not None:
         cache_layer.receive(key, value, module)
+    source = getattr(module, _KV_SOURCE_ATTR, None)  # a layer attending over another layer's keys and values
+    reused = shared_entries(source) if source is not None else None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if cache_layer is not None and cache_layer.compressed:
+    if (cache_layer is not None and cache_layer.compressed) or (reused is not None and reused.compressed):
         indices = kwargs.get("indices")  # DeepSeek Sparse Attention: its indexer's choice among the entries
         selected = None if indices is None else selected_keys(indices, key.shape[2])
-        out, allowed = cache_layer.attend(query, default_pattern(getattr(module, _LAYER_ATTR, None), cache_layer),
-                                          scale, softcap, sliding_window, s_aux, selected)
+        entries = cache_layer if cache_layer is not None else reused
+        pattern = default_pattern(getattr(module, _LAYER_ATTR, None), entries)
+        if cache_layer is not None:
+            out, allowed = cache_layer.attend(query, pattern, scale, softcap, sliding_window, s_aux, selected)
+        else:
+            out, allowed = reused.attend(query, key, value, pattern, scale, softcap, sliding_window, s_aux, selected)
         meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
         if meter is not None:
-            q_tok = cache_layer.token_index[0, 0, -query.shape[2]:]
+            q_tok = entries.token_index[0, 0, -query.shape[2]:]
             meter.add("prefill" if query.shape[2] > 1 else "decode",
                       int(allowed[0].sum()) // allowed.shape[1], int((q_tok + 1).sum()))
         result = out.transpose(1, 2).contiguous(), None
@@ -454,9 +461,12 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
         setattr(cfg, _CONFIG_ORIG_ATTR, original)
     for m in cross_attention_modules(model):  # passed through to the model's own attention, unchanged
         setattr(m, _ORIG_ATTR, original)
+    sources = kv_source_layers(model)
     for m in mods:
         setattr(m, _ORIG_ATTR, original)
         setattr(m, _METER_ATTR, state.meter)
+        if m.layer_idx in sources:
+            setattr(m, _KV_SOURCE_ATTR, sources[m.layer_idx])
         if m.layer_idx in chosen or is_shared(m):
             setattr(m, _LAYER_ATTR, spec)
             if sp is not None:
@@ -481,7 +491,7 @@ def unpatch(model) -> None:
     if state.kv_hook is not None:
         state.kv_hook.remove()
     for m in attention_modules(model) + cross_attention_modules(model):
-        for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR):
+        for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR, _KV_SOURCE_ATTR):
             if hasattr(m, attr):
                 delattr(m, attr)
     del model._longattn

@@ -66,3 +66,38 @@ def test_shared_attention_blocks_pass_every_check_at_every_layer():
         longattn.patch(model, "sink_window", sink_tokens=2, window=4, layers=[1])
     with pytest.raises(longattn.UnsupportedModelError, match="attends differently per layer"):
         longattn.patch(model, "routing", density=0.5)
+
+
+def test_layers_sharing_keys_and_values_see_what_their_source_kept(monkeypatch):
+    """Gemma 3n KV sharing: "reuse" layers attend over the keys and values of the last "store" layer of their type;
+    with a compressed cache they must see exactly its kept entries, at their stream positions."""
+    from longattn.kvcache.cache import Entries
+    from longattn.models import kv_source_layers
+
+    # A sliding window shorter than the prompt: the reusing sliding layer must measure it in stream positions.
+    model = tiny_model("gemma3n_text", sliding_window=6)
+    sources = kv_source_layers(model)
+    assert sources  # the tiny model has reuse layers
+    ids, mask = padded_batch(model.config.vocab_size, length=20, pad=4)
+    nxt, mask2 = torch.tensor([[7], [9]]), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    longattn.patch(model, "snapkv", kv_budget=BUDGET, window=3, kernel_size=3)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    calls = []
+    attend = Entries.attend
+
+    def spy(self, query, *args, **kwargs):
+        calls.append(query.shape)
+        return attend(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(Entries, "attend", spy)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        own = [i for i in attention_layer_indices(model) if i not in sources]
+        kept = kept_by_layer(cache, own)
+        kept.update({i: kept[s] for i, s in sources.items()})
+        calls.clear()
+        got = model(input_ids=nxt, attention_mask=mask2, cache=cache, use_cache=True).logits[:, -1]
+    longattn.unpatch(model)
+    assert len(calls) == len(own) + len(sources)  # every layer, reusing ones included, attended by stream index
+    ref = masked_reference_logits(model, torch.cat([ids, nxt], 1), mask2, kept)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()

@@ -14,6 +14,7 @@ bit (False for pads and for the empty slots of head-adaptive budgets): `kept_pos
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
@@ -42,8 +43,55 @@ def take_pending(module) -> "CompressedLayer | None":
 
 
 def clear_pending() -> None:
-    """Forget a layer left waiting by a forward that raised before its attention ran."""
+    """Forget a layer left waiting by a forward that raised before its attention ran, and the entries layers
+    published for others to reuse (a new forward starts)."""
     _pending.layer = None
+    _pending.shared = {}
+
+
+def shared_entries(layer_idx: int) -> "Entries | None":
+    """The entries layer `layer_idx` attended over in this forward, for layers that reuse its keys and values
+    (Gemma 3n / Gemma 4 KV sharing): they see exactly what it saw, at the same stream positions."""
+    return getattr(_pending, "shared", {}).get(layer_idx)
+
+
+@dataclass
+class Entries:
+    """Which stream positions a layer's entries stand for, as one forward's attention sees them: [B, Hkv, N]
+    stream indices and validity, the last n_new of which are this forward's tokens; `compressed` once they are no
+    longer the plain prefix of the stream (attention must then mask by stream index, not by cache index)."""
+
+    token_index: torch.Tensor
+    valid: torch.Tensor
+    n_new: int
+    compressed: bool
+
+    def attend(self, query, keys, values, pattern, scale: float, softcap: float | None, sliding_window: int | None,
+               learned_sinks: torch.Tensor | None = None, selected: torch.Tensor | None = None):
+        """Attention of this forward's queries over `keys`/`values` (one per entry), by stream index: causal,
+        valid entries only, restricted by the layer's positional `pattern` (a mask function over stream indices,
+        or None for plain causal), by the model's own sliding window and by the entries its indexer `selected`
+        ([B, Q, N] bool, DeepSeek Sparse Attention). Returns ([B, Hq, Q, D], allowed [B, Hq, Q, N])."""
+        q_tok = self.token_index[:, :1, -self.n_new:].unsqueeze(-1)  # [B, 1, Q, 1]
+        k_tok = self.token_index.unsqueeze(2)  # [B, Hkv, 1, N]
+        allowed = self.valid.unsqueeze(2) & (k_tok <= q_tok)
+        if pattern is not None:
+            b = torch.arange(query.shape[0], device=query.device).view(-1, 1, 1, 1)
+            h = torch.arange(self.token_index.shape[1], device=query.device).view(1, -1, 1, 1)
+            allowed = allowed & pattern(b, h, q_tok, k_tok)
+        if sliding_window is not None:
+            allowed = allowed & (q_tok - k_tok < sliding_window)
+        if selected is not None:
+            allowed = allowed & selected.unsqueeze(1)
+        allowed = repeat_kv(allowed, query.shape[1] // allowed.shape[1])
+        mask = AttentionMask.from_tensor(allowed)
+        return dense_attention(query, keys, values, mask, scale=scale, softcap=softcap,
+                               backend="sdpa" if softcap is None else "math", learned_sinks=learned_sinks), allowed
+
+    def first_token(self) -> torch.Tensor:
+        """[B] stream index of each sequence's first real (non-pad) token among the entries."""
+        big = torch.iinfo(torch.long).max
+        return torch.where(self.valid[:, 0], self.token_index[:, 0], big).amin(-1)
 
 
 class CompressedLayer(DynamicLayer):
@@ -129,28 +177,14 @@ class CompressedLayer(DynamicLayer):
         self.entry_state = {k: fn(v) for k, v in self.entry_state.items()}
 
     # ---------------------------------------------------------------------------------- attention side
+    def entries(self) -> Entries:
+        return Entries(self.token_index, self.valid, self.n_new, self.compressed)
+
     def attend(self, query, pattern, scale: float, softcap: float | None, sliding_window: int | None,
                learned_sinks: torch.Tensor | None = None, selected: torch.Tensor | None = None):
-        """Attention of this forward's queries over the kept + new entries, by stream index: causal, valid
-        entries only, restricted by the layer's positional `pattern` (a mask function over stream indices, or
-        None for plain causal), by the model's own sliding window and by the entries its indexer `selected`
-        ([B, Q, N] bool, DeepSeek Sparse Attention). Returns [B, Hq, Q, D]."""
-        keys, values = self.attended_entries()
-        q_tok = self.token_index[:, :1, -self.n_new:].unsqueeze(-1)  # [B, 1, Q, 1]
-        k_tok = self.token_index.unsqueeze(2)  # [B, Hkv, 1, N]
-        allowed = self.valid.unsqueeze(2) & (k_tok <= q_tok)
-        if pattern is not None:
-            b = torch.arange(query.shape[0], device=query.device).view(-1, 1, 1, 1)
-            h = torch.arange(self.keys.shape[1], device=query.device).view(1, -1, 1, 1)
-            allowed = allowed & pattern(b, h, q_tok, k_tok)
-        if sliding_window is not None:
-            allowed = allowed & (q_tok - k_tok < sliding_window)
-        if selected is not None:
-            allowed = allowed & selected.unsqueeze(1)
-        allowed = repeat_kv(allowed, query.shape[1] // allowed.shape[1])
-        mask = AttentionMask.from_tensor(allowed)
-        return dense_attention(query, keys, values, mask, scale=scale, softcap=softcap,
-                               backend="sdpa" if softcap is None else "math", learned_sinks=learned_sinks), allowed
+        """Attention of this forward's queries over the kept + new entries (see Entries.attend)."""
+        return self.entries().attend(query, *self.attended_entries(), pattern, scale, softcap, sliding_window,
+                                     learned_sinks, selected)
 
     def receive(self, key: torch.Tensor, value: torch.Tensor, module) -> None:
         """Take the keys and values the attention function was given. They must be exactly the entries this
@@ -175,13 +209,15 @@ class CompressedLayer(DynamicLayer):
 
     def first_token(self) -> torch.Tensor:
         """[B] stream index of each sequence's first real (non-pad) token among the entries."""
-        big = torch.iinfo(torch.long).max
-        return torch.where(self.valid[:, 0], self.token_index[:, 0], big).amin(-1)
+        return self.entries().first_token()
 
     def after_attention(self, query: torch.Tensor, scale: float, softcap: float | None,
                         learned_sinks: torch.Tensor | None = None) -> None:
         """Score the entries with this forward's queries and evict down to the policy's target."""
         self.awaiting = False
+        if not hasattr(_pending, "shared"):
+            _pending.shared = {}
+        _pending.shared[self.layer_idx] = self.entries()  # before eviction: what this forward attended over
         first = self.prompt_length is None
         if first:
             self.prompt_length = self.cumulative_length
@@ -311,11 +347,12 @@ class CompressedCache(DynamicCache):
     """
 
     def __init__(self, policy: KVPolicy, model, base: Cache | None = None):
-        from ..models import attention_layer_indices, num_layers
+        from ..models import attention_layer_indices, kv_source_layers, num_layers
 
         check_compressible(model)
         n_layers = num_layers(model)
-        attention_layers = set(attention_layer_indices(model))
+        # Layers reusing another layer's keys and values (KV sharing) cache nothing of their own.
+        attention_layers = set(attention_layer_indices(model)) - set(kv_source_layers(model))
         latent = latent_kv_cache(model)
         base = DynamicCache(config=model.config) if base is None else base
         layers = list(base.layers)
@@ -427,9 +464,9 @@ def check_compressible(model) -> None:
         raise _unsupported(f"{name}'s layers {reuse} reuse the previous layer's indexer top-k, which names entries "
                            f"of that layer's cache; evicting per layer would make it name other tokens, so longattn's "
                            f"KV policies do not run on it (sparse attention methods do)")
-    if getattr(cfg, "kv_sharing_modes", None) is not None or getattr(cfg, "num_kv_shared_layers", 0):
-        raise _unsupported(f"{name} shares KV-cache entries between layers; evicting them for one layer would change "
-                           f"what the others see, which longattn's KV policies do not handle")
+    if getattr(cfg, "num_kv_shared_layers", 0) and getattr(cfg, "kv_sharing_modes", None) is None:
+        raise _unsupported(f"{name} shares KV-cache entries between layers but does not say which layer reuses "
+                           f"which (no kv_sharing_modes), so longattn's KV policies cannot keep them consistent")
 
 
 def is_fresh_cache(cache) -> bool:
@@ -441,7 +478,7 @@ def is_fresh_cache(cache) -> bool:
         getattr(layer, "is_initialized", False) for layer in cache.layers if not isinstance(layer, (DynamicLayer, DummyLayer)))
 
 
-def default_pattern(method, layer: CompressedLayer):
+def default_pattern(method, layer: "CompressedLayer | Entries"):
     """The positional pattern `method` has over kept entries in decoding (causal for layers it leaves alone)."""
     if method is None:
         return causal

@@ -158,6 +158,24 @@ def own_sparse_layers(model) -> dict[int, str]:
     return {i: t for i, t in enumerate(types) if t in OWN_SPARSE_LAYER_TYPES and i not in handed}
 
 
+def kv_source_layers(model) -> dict[int, int]:
+    """{layer: the layer whose keys and values it reuses} (Gemma 3n / Gemma 4 KV sharing: a "reuse" layer attends
+    over what the last "store" layer of its type cached)."""
+    cfg = model.config.get_text_config(decoder=True)
+    modes, types = getattr(cfg, "kv_sharing_modes", None) or [], getattr(cfg, "layer_types", None) or []
+    sources = {}
+    for i, mode in enumerate(modes):
+        if mode == "reuse":
+            stores = [j for j in range(i) if modes[j] == "store" and types[j] == types[i]]
+            if not stores:
+                from ..patching import UnsupportedModelError
+
+                raise UnsupportedModelError(f"{type(model).__name__}: layer {i} reuses keys and values, but no "
+                                            f"earlier {types[i]} layer stores them")
+            sources[i] = stores[-1]
+    return sources
+
+
 def shared_indexer_layers(model) -> list[int]:
     """Layers that reuse the previous layer's indexer top-k instead of running their own (GLM-5, HY-V4)."""
     types = getattr(model.config.get_text_config(decoder=True), "indexer_types", None) or []
