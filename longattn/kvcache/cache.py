@@ -196,6 +196,9 @@ class CompressedLayer(DynamicLayer):
                 self.keys.shape[2]:
             self.view = key, value
             return
+        if tiles(key, self.keys) and tiles(value, self.values):  # JetMoE: KV heads repeated once per expert
+            self.view = key, value
+            return
         from ..patching import UnsupportedModelError
 
         raise UnsupportedModelError(
@@ -226,20 +229,23 @@ class CompressedLayer(DynamicLayer):
         if keep is None and not self.policy.stateful:
             return
         keys, values = self.attended_entries()
-        heads = (keys.shape[0], keys.shape[1], keys.shape[2])
-        inp = ScoreInput(keys, values, self.token_index.expand(heads), self.valid.expand(heads), query, self.n_new,
-                         scale, softcap, self.layer_idx, self.n_layers, first, self.entry_state, self.state,
+        r = keys.shape[1] // self.keys.shape[1]  # view heads per cached head (MLA: all; JetMoE: tiled)
+        inp = ScoreInput(keys, values, self.token_index.repeat(1, r, 1), self.valid.repeat(1, r, 1), query,
+                         self.n_new, scale, softcap, self.layer_idx, self.n_layers, first, self.entry_state, self.state,
                          learned_sinks)
         scores = self.policy.score(inp)
+        pooled = self.view is not None or self.heads_share_entries
         self.view = None
         if keep is None:
             return
-        if scores.shape[1] != self.keys.shape[1] or self.heads_share_entries:
-            # MLA: every head reads the same latent entries; an indexer keeps one key per entry for all heads. The
-            # heads' scores are pooled into one (their mean; attention-based scores are sums over query heads per
-            # KV head, and a mean ranks as the sum does), so all heads keep the same entries.
+        if pooled:
+            # MLA: every head reads the same latent entries; JetMoE's heads read KV heads tiled in another order
+            # than grouped-query attention's; an indexer keeps one key per entry for all heads. The heads' scores
+            # are pooled into one (their mean; attention-based scores are sums over query heads per KV head, and a
+            # mean ranks as the sum does), so all heads keep the same entries.
             scores = scores.mean(1, keepdim=True)
-        idx, slot_valid = self.policy.select(drop_invalid(scores, self.valid), keep)
+        valid = self.valid[:, :scores.shape[1]]  # (pooled: every head's entries are the same tokens)
+        idx, slot_valid = self.policy.select(drop_invalid(scores, valid), keep)
         self.evict(idx, slot_valid)
 
     def evict(self, idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
@@ -270,6 +276,14 @@ class CompressedLayer(DynamicLayer):
 
     def evict_extra(self, idx: torch.Tensor) -> None:
         """Keep entries `idx` of whatever else a layer holds per entry (an indexer's keys)."""
+
+
+def tiles(view: torch.Tensor, entries: torch.Tensor) -> bool:
+    """Whether `view` [B, r*H, N, D] is `entries` [B, H, N, D] repeated r times along the heads."""
+    b, h, n, d = entries.shape
+    if view.dim() != 4 or view.shape[0] != b or view.shape[2:] != (n, d) or view.shape[1] % h or view.shape[1] == h:
+        return False
+    return torch.equal(view.view(b, -1, h, n, d), entries.unsqueeze(1).expand(b, view.shape[1] // h, h, n, d))
 
 
 class CompressedIndexedLayer(CompressedLayer):

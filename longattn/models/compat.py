@@ -74,7 +74,7 @@ def _reference_attention(module, query, key, value, attention_mask, **kwargs):
     out, weights = eager(module, query, key, value, attention_mask, **kwargs)
     # A real query left with no key (the window and an indexer's top-k share none) attends to nothing: zero, not
     # the uniform average a finite mask value would give.
-    empty = (attention_mask == neg).all(-1).any(1) & _reference_mask2d[0][:, -query.shape[2]:].bool()
+    empty = (attention_mask == neg).all(-1).any(1)  # [B, Q] (pad queries too: they are never compared)
     return out.masked_fill(empty[:, :, None, None], 0.0), weights
 
 

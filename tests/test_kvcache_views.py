@@ -1,8 +1,12 @@
-"""KV policies on multi-head latent attention (DeepSeek-V2/V3 style): the cache holds one shared latent and RoPE
-key per token; entries are scored with the per-head keys the model expands from them, pooled over heads, and
-evicted as latents. Checked against explicit references: decoding over the kept latents equals the unpatched
-model run over the whole text with each layer's last query masked to the kept tokens; the kept set is the best by
-explicitly computed head-averaged scores; StreamingLLM turns the cached RoPE key (both rotary layouts)."""
+"""KV policies where attention sees a per-head view of the cached entries, not the entries themselves.
+
+Multi-head latent attention (DeepSeek-V2/V3 style) caches one shared latent and RoPE key per token: entries are
+scored with the per-head keys the model expands from them, pooled over heads, and evicted as latents; DeepSeek
+Sparse Attention adds an indexer key per entry; JetMoE tiles its KV heads once per expert. Checked against explicit
+references: decoding over the kept entries equals the unpatched model run over the whole text with each layer's
+last query masked to the kept tokens; the kept set is the best by explicitly computed head-averaged scores;
+StreamingLLM turns the cached RoPE key (both rotary layouts); indexer keys follow their entries.
+"""
 import pytest
 import torch
 from conftest import kept_by_layer, masked_reference_logits
@@ -53,6 +57,24 @@ def test_decoding_over_kept_latents_equals_masked_reference(arch, policy, params
     longattn.unpatch(model)
     ref = masked_reference_logits(model, torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
                                   kept)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_tiled_kv_heads_keep_the_same_entries_and_decode_as_the_masked_reference():
+    model = tiny_model("jetmoe")
+    ids, mask = batch(model.config.vocab_size)
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    longattn.patch(model, "h2o", kv_budget=BUDGET)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        layers = [i for i, layer in enumerate(cache.layers) if hasattr(layer, "token_index")]
+        kept = kept_by_layer(cache, layers)
+        assert all(cache.layers[i].keys.shape[1] == 2 for i in layers)  # two KV heads, tiled x2 by the model
+        assert all(per_head[0] == per_head[1] and len(per_head[0]) == BUDGET for i in layers for per_head in kept[i])
+        got = model(input_ids=torch.tensor([[7], [9]]), attention_mask=mask2, cache=cache, use_cache=True).logits[:, -1]
+    longattn.unpatch(model)
+    ref = masked_reference_logits(model, torch.cat([ids, torch.tensor([[7], [9]])], 1), mask2, kept)
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
 
 
