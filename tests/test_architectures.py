@@ -15,7 +15,11 @@ from longattn.models.compat import CHECKS, run_checks
 # regression shows as a failure here and not only as a lower count in the table.
 MUST_PASS = ("llama", "mistral", "gemma2", "gemma3_text", "qwen3", "opt", "bart", "gpt_oss", "granite_swa",
              "flint", "mimo_v2_flash", "qwen3_next", "qwen3_5_text", "jamba", "granitemoehybrid", "nemotron_h",
-             "lfm2_moe", "olmo_hybrid", "bamba", "gpt2", "phi3")
+             "lfm2_moe", "olmo_hybrid", "bamba", "gpt2", "phi3",
+             # latent (MLA) caches, DeepSeek sparse attention, hybrid cache layers, shared attention blocks, KV
+             # sharing between layers, KV heads tiled per expert, codebook LMs
+             "deepseek_v2", "deepseek_v3", "kimi_linear", "deepseek_v32", "glm_moe_dsa", "falcon_h1", "zaya",
+             "zamba", "zamba2", "gemma3n_text", "gemma4_text", "jetmoe", "musicgen")
 # Architectures no tiny model can stand for alone, and the words of the reason.
 NO_TINY_MODEL = {"gemma3n": "timm", "gemma4_assistant": "hidden_size_per_layer_input",
                  "gemma4_unified_assistant": "shared_kv_states"}

@@ -163,3 +163,24 @@ def test_indexer_keys_are_evicted_with_their_entries_and_its_choice_is_honoured(
     for valid, selected, allowed in seen:
         assert selected is not None and not bool(selected.all())  # top-8 of 10 entries: the indexer drops some
         assert torch.equal(allowed[:, 0, -1], valid[:, 0] & selected[:, -1])
+
+
+def test_layers_reusing_an_indexer_top_k_keep_their_leaders_entries():
+    """HY-V4 / GLM-5 "shared" indexer layers reuse the top-k of the last layer that ran its own indexer: their
+    indices name that layer's entries, so under eviction they must keep exactly the same tokens."""
+    from longattn.models import shared_indexer_layers
+
+    model = model_for("hy_v4")
+    leaders = shared_indexer_layers(model)
+    assert leaders  # the tiny model has a shared layer
+    ids, mask = batch(model.config.vocab_size)
+    longattn.patch(model, "knorm", kv_budget=BUDGET)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    longattn.unpatch(model)
+    cache = out.past_key_values
+    for follower, leader in leaders.items():
+        assert torch.equal(cache.kept_positions(follower), cache.kept_positions(leader))
+        assert cache.layers[follower].keys.shape[-2] == BUDGET
+    own = [i for i in range(len(cache.layers)) if i not in leaders]
+    assert any(not torch.equal(cache.kept_positions(own[0]), cache.kept_positions(i)) for i in own[1:])

@@ -108,6 +108,10 @@ class CompressedLayer(DynamicLayer):
         # keys and values (`view`), which is what attention and scoring use, while eviction acts on the latents.
         self.latent = latent
         self.view: tuple[torch.Tensor, torch.Tensor] | None = None
+        # A layer that reuses another layer's indexer top-k (GLM-5 / HY-V4 "shared" indexer layers) keeps exactly
+        # the entries that layer kept, so that the indices keep naming the same tokens in both.
+        self.leader: CompressedLayer | None = None
+        self.last_eviction: tuple | None = None  # (stream length, idx, slot_valid) of the latest eviction
         self.cumulative_length = 0
         self.token_index = self.valid = None
         self.entry_state: dict[str, torch.Tensor] = {}
@@ -224,6 +228,16 @@ class CompressedLayer(DynamicLayer):
         first = self.prompt_length is None
         if first:
             self.prompt_length = self.cumulative_length
+        if self.leader is not None:
+            self.view = None
+            last = self.leader.last_eviction
+            if last is not None and last[0] == self.cumulative_length:  # the leader evicted in this forward
+                length, held, idx, slot_valid = last
+                if held != self.keys.shape[-2]:
+                    raise RuntimeError(f"longattn KV cache: layer {self.layer_idx} shares layer "
+                                       f"{self.leader.layer_idx}'s indexer but holds other entries")
+                self.evict(idx, slot_valid)
+            return
         n = self.keys.shape[-2]
         keep = self.policy.target(n, self.prompt_length if first else None, self.layer_idx, self.n_layers)
         if keep is None and not self.policy.stateful:
@@ -250,6 +264,7 @@ class CompressedLayer(DynamicLayer):
 
     def evict(self, idx: torch.Tensor, slot_valid: torch.Tensor) -> None:
         """Keep entries `idx` [B, Hkv, M] (slots with slot_valid False become empty)."""
+        held = self.keys.shape[-2]
         def take(t):
             ix = idx.expand(-1, t.shape[1], -1)  # per-head policy memory of an MLA layer spans every head
             return t.gather(2, ix) if t.dim() == 3 else t.gather(2, ix.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
@@ -273,6 +288,7 @@ class CompressedLayer(DynamicLayer):
         self.entry_state.update({k: take(v) for k, v in self.entry_state.items()})
         self.evict_extra(idx)
         self.compressed = True
+        self.last_eviction = (self.cumulative_length, held, idx, slot_valid)
 
     def evict_extra(self, idx: torch.Tensor) -> None:
         """Keep entries `idx` of whatever else a layer holds per entry (an indexer's keys)."""
@@ -384,6 +400,8 @@ class CompressedCache(DynamicCache):
         self._new_validity: torch.Tensor | None = None
         self._rotary = {i: rotary_inv_freq(model, i) for i in attention_layers} if policy.shifts_positions else None
         self.rope_tensor, self._rope_interleaved = rope_in_cache(model)
+        for i, leader in shared_indexer_layers(model).items():
+            layers[i].leader = layers[leader]
         Cache.__init__(self, layers=layers)
 
     # -------------------------------------------------------------------------- set by the model hook
@@ -473,11 +491,6 @@ def check_compressible(model) -> None:
         raise _unsupported(f"{name}'s layers {sorted(own)} are {sorted(set(own.values()))}: their selection of keys "
                            f"works on runs of consecutive tokens and their positions (folded into the mask), which "
                            f"evicting entries would break; longattn's KV policies do not run on it")
-    reuse = shared_indexer_layers(model)
-    if reuse:
-        raise _unsupported(f"{name}'s layers {reuse} reuse the previous layer's indexer top-k, which names entries "
-                           f"of that layer's cache; evicting per layer would make it name other tokens, so longattn's "
-                           f"KV policies do not run on it (sparse attention methods do)")
     if getattr(cfg, "num_kv_shared_layers", 0) and getattr(cfg, "kv_sharing_modes", None) is None:
         raise _unsupported(f"{name} shares KV-cache entries between layers but does not say which layer reuses "
                            f"which (no kv_sharing_modes), so longattn's KV policies cannot keep them consistent")

@@ -176,7 +176,19 @@ def kv_source_layers(model) -> dict[int, int]:
     return sources
 
 
-def shared_indexer_layers(model) -> list[int]:
-    """Layers that reuse the previous layer's indexer top-k instead of running their own (GLM-5, HY-V4)."""
+def shared_indexer_layers(model) -> dict[int, int]:
+    """{layer: the layer whose indexer top-k it reuses} (GLM-5, HY-V4 "shared" indexer layers: the choice of the
+    last layer before them that runs its own indexer)."""
     types = getattr(model.config.get_text_config(decoder=True), "indexer_types", None) or []
-    return [i for i, t in enumerate(types) if t == "shared"]
+    leaders, last = {}, None
+    for i, t in enumerate(types):
+        if t == "shared":
+            if last is None:
+                from ..patching import UnsupportedModelError
+
+                raise UnsupportedModelError(f"{type(model).__name__}: layer {i} reuses an indexer top-k, but no "
+                                            f"earlier layer computes one")
+            leaders[i] = last
+        else:
+            last = i
+    return leaders
