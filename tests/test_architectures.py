@@ -19,7 +19,7 @@ MUST_PASS = ("llama", "mistral", "gemma2", "gemma3_text", "qwen3", "opt", "bart"
              # latent (MLA) caches, DeepSeek sparse attention, hybrid cache layers, shared attention blocks, KV
              # sharing between layers, KV heads tiled per expert, codebook LMs
              "deepseek_v2", "deepseek_v3", "kimi_linear", "deepseek_v32", "glm_moe_dsa", "falcon_h1", "zaya",
-             "zamba", "zamba2", "gemma3n_text", "gemma4_text", "jetmoe", "musicgen")
+             "zamba", "zamba2", "gemma3n_text", "gemma4_text", "jetmoe", "musicgen", "hy_v4", "minimax")
 # Architectures no tiny model can stand for alone, and the words of the reason.
 NO_TINY_MODEL = {"gemma3n": "timm", "gemma4_assistant": "hidden_size_per_layer_input",
                  "gemma4_unified_assistant": "shared_kv_states"}

@@ -101,3 +101,32 @@ def test_layers_sharing_keys_and_values_see_what_their_source_kept(monkeypatch):
     assert len(calls) == len(own) + len(sources)  # every layer, reusing ones included, attended by stream index
     ref = masked_reference_logits(model, torch.cat([ids, nxt], 1), mask2, kept)
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_a_models_own_cache_class_keeps_its_state_and_compresses_attention():
+    """MiniMax builds a DynamicCache subclass of its own (lightning-attention state beside the attention layers):
+    the compressed cache is of that class, keeps that state as the unpatched model does, and compresses only the
+    softmax-attention layers."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    model = tiny_model("minimax")
+    ids, mask = padded_batch(model.config.vocab_size, length=20, pad=4)
+    nxt, mask2 = torch.tensor([[7], [9]]), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    plain = MiniMaxCache()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=plain, use_cache=True)
+    longattn.patch(model, "snapkv", kv_budget=BUDGET, window=3, kernel_size=3)
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    assert isinstance(cache, MiniMaxCache)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        layers = attention_layer_indices(model)
+        assert all(isinstance(cache.layers[i], CompressedLayer) and cache.layers[i].keys.shape[-2] == BUDGET
+                   for i in layers)
+        lightning = [i for i, state in enumerate(plain.linear_cache) if isinstance(state, torch.Tensor)]
+        assert lightning and all(torch.equal(plain.linear_cache[i], cache.linear_cache[i]) for i in lightning)
+        kept = kept_by_layer(cache, layers)
+        got = model(input_ids=nxt, attention_mask=mask2, cache=cache, use_cache=True).logits[:, -1]
+    longattn.unpatch(model)
+    ref = masked_reference_logits(model, torch.cat([ids, nxt], 1), mask2, kept)
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()

@@ -13,6 +13,7 @@ bit (False for pads and for the empty slots of head-adaptive budgets): `kept_pos
 """
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -376,6 +377,14 @@ class CompressedCache(DynamicCache):
     put one in place of the cache generate would have made.
     """
 
+    def __new__(cls, policy: KVPolicy, model, base: Cache | None = None):
+        # A model with a DynamicCache subclass of its own (MiniMax's keeps linear-attention state beside the
+        # attention layers) gets a compressed cache of that class, so that its extra methods and state are there.
+        own = own_cache_class(model)
+        if cls is CompressedCache and own is not None:
+            cls = _compressed_classes.setdefault(own, type(f"Compressed{own.__name__}", (CompressedCache, own), {}))
+        return super().__new__(cls)
+
     def __init__(self, policy: KVPolicy, model, base: Cache | None = None):
         from ..models import attention_layer_indices, kv_source_layers, num_layers
 
@@ -402,7 +411,14 @@ class CompressedCache(DynamicCache):
         self.rope_tensor, self._rope_interleaved = rope_in_cache(model)
         for i, leader in shared_indexer_layers(model).items():
             layers[i].leader = layers[leader]
-        Cache.__init__(self, layers=layers)
+        own = own_cache_class(model)
+        if own is None:
+            Cache.__init__(self, layers=layers)
+            return
+        # The model's own class keeps its own state and expects its layers to appear lazily, one per layer reached
+        # (MiniMax counts them); they appear as the layers built above.
+        own.__init__(self)
+        self.layer_class_to_replicate = lambda: layers[len(self.layers)]
 
     # -------------------------------------------------------------------------- set by the model hook
     def set_new_validity(self, attention_mask, q: int) -> None:
@@ -479,11 +495,26 @@ def _unsupported(msg: str):
     return UnsupportedModelError(msg)
 
 
+_compressed_classes: dict[type, type] = {}
+
+
+def own_cache_class(model) -> type | None:
+    """The DynamicCache subclass a model builds for itself instead of transformers' DynamicCache (MiniMaxCache),
+    defined in its modeling file; None for models that use DynamicCache."""
+    if not hasattr(model, "_supports_default_dynamic_cache") or model._supports_default_dynamic_cache():
+        return None
+    module = sys.modules[type(model).__module__]
+    found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, DynamicCache)
+             and v is not DynamicCache and v.__module__ == module.__name__]
+    return found[0] if len(found) == 1 else None
+
+
 def check_compressible(model) -> None:
     """Refuse, naming the reason, models whose KV cache the policies cannot compress."""
     cfg = model.config.get_text_config(decoder=True)
     name = type(model).__name__
-    if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache():
+    if hasattr(model, "_supports_default_dynamic_cache") and not model._supports_default_dynamic_cache() and \
+            own_cache_class(model) is None:
         raise _unsupported(f"{name} keeps a cache class of its own, not transformers' DynamicCache, whose "
                            f"attention layers longattn's KV policies compress")
     own = own_sparse_layers(model)
