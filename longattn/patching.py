@@ -19,9 +19,8 @@ from torch import nn
 
 from .kernels.masks import AttentionMask, full, selected_keys
 from .methods import METHODS, AttendCall, AttentionMethod, make_method
-from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_layer_indices, attention_modules,
-                     cross_attention_modules, eager_function, is_shared,
-                     kv_source_layers, num_layers, own_sparse_layers)
+from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_layer_indices, attention_modules, eager_function,
+                     is_shared, kv_source_layers, num_layers, own_sparse_layers, passed_through_modules)
 from .recipes import find_recipe, load_recipe, recipe_names
 
 ATTN_NAME = "longattn"
@@ -459,7 +458,7 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
     state = PatchState(original, spec, chosen, sequence_parallel=sp)
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
         setattr(cfg, _CONFIG_ORIG_ATTR, original)
-    for m in cross_attention_modules(model):  # passed through to the model's own attention, unchanged
+    for m in passed_through_modules(model):  # passed through to the model's own attention, unchanged
         setattr(m, _ORIG_ATTR, original)
     sources = kv_source_layers(model)
     for m in mods:
@@ -490,7 +489,7 @@ def unpatch(model) -> None:
             delattr(cfg, _CONFIG_ORIG_ATTR)
     if state.kv_hook is not None:
         state.kv_hook.remove()
-    for m in attention_modules(model) + cross_attention_modules(model):
+    for m in attention_modules(model) + passed_through_modules(model):
         for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR, _KV_SOURCE_ATTR):
             if hasattr(m, attr):
                 delattr(m, attr)

@@ -1,10 +1,12 @@
 """What longattn knows about transformers architectures, in one place.
 
 Which modules are softmax self-attention on transformers' AttentionInterface and their true layer indices
-(hybrid models interleave them with SSM / linear-attention / conv layers), which are cross-attention (passed
-through untouched), the eager function of a module, the RoPE table of a layer, the attention keyword arguments
-transformers passes and what longattn does with each, and which cache layers hold attention keys and values.
-patching.py, kvcache/ and the GQA / SSA tools import this instead of guessing on their own.
+(hybrid models interleave them with SSM / linear-attention / conv layers; shared or recurrent modules serve several
+cache slots), which are passed through untouched (cross-attention, encoder towers), the eager function of a module,
+the RoPE table of a layer and where a cache keeps the rotated key, the attention keyword arguments transformers
+passes and what longattn does with each, latent (MLA) caches, indexers (DeepSeek Sparse Attention) and layers that
+reuse another layer's keys, values or top-k. patching.py, kvcache/ and the GQA / SSA tools import this instead of
+guessing on their own.
 """
 from __future__ import annotations
 
@@ -42,11 +44,15 @@ def calls_attention_interface(cls: type) -> bool:
     return False
 
 
-def is_cross_attention(name: str, module: nn.Module) -> bool:
-    """Cross-attention (to an encoder's states) in a decoder: not causal self-attention, left untouched."""
+def is_passed_through(name: str, module: nn.Module) -> bool:
+    """Attention that is not the decoder's causal self-attention, left untouched: cross-attention (to an encoder's
+    states) in a decoder, and the bidirectional self-attention of an encoder tower inside a multimodal model (it
+    knows no decoder layer: layer_idx None, is_causal False; Moss's audio encoder)."""
     leaf = name.rsplit(".", 1)[-1].lower()
-    return bool(getattr(module, "is_cross_attention", False)) or "cross" in leaf or leaf == "encoder_attn" or \
+    cross = bool(getattr(module, "is_cross_attention", False)) or "cross" in leaf or leaf == "encoder_attn" or \
         "cross" in type(module).__name__.lower()
+    encoder = getattr(module, "layer_idx", 0) is None and getattr(module, "is_causal", None) is False
+    return cross or encoder
 
 
 def interface_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -57,15 +63,16 @@ def interface_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The softmax self-attention modules, ordered by their true layer index (hybrid models leave gaps)."""
-    mods = [m for n, m in interface_modules(model) if not is_cross_attention(n, m)]
+    mods = [m for n, m in interface_modules(model) if not is_passed_through(n, m)]
     return sorted(mods, key=lambda m: (m.layer_idx is None, m.layer_idx or 0))
 
 
 def is_shared(module: nn.Module) -> bool:
-    """An attention module shared by several decoder layers, which pass their own index with each call (the tied
-    transformer blocks of Zamba, layer_idx None, and Zamba2, layer_idx -1)."""
-    return module.layer_idx == -1 or (module.layer_idx is None and
-                                      "layer_idx" in inspect.signature(type(module).forward).parameters)
+    """An attention module that serves several cache slots: shared by several decoder layers, which pass their own
+    index with each call (the tied transformer blocks of Zamba, layer_idx None, and Zamba2, layer_idx -1), or run
+    once per recurrent cycle, each cycle with its own slot (HRM's cycle_offset)."""
+    params = inspect.signature(type(module).forward).parameters
+    return module.layer_idx == -1 or (module.layer_idx is None and "layer_idx" in params) or "cycle_offset" in params
 
 
 def attention_layer_indices(model: nn.Module) -> tuple[int, ...]:
@@ -81,8 +88,9 @@ def attention_layer_indices(model: nn.Module) -> tuple[int, ...]:
     return tuple(sorted(own))
 
 
-def cross_attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for n, m in interface_modules(model) if is_cross_attention(n, m)]
+def passed_through_modules(model: nn.Module) -> list[nn.Module]:
+    """Cross-attention and encoder-tower attention modules (see is_passed_through)."""
+    return [m for n, m in interface_modules(model) if is_passed_through(n, m)]
 
 
 def num_layers(model) -> int:

@@ -120,11 +120,11 @@ def check_dense(model, ids, mask) -> str:
 def check_window(model, ids, mask) -> str:
     import longattn
 
-    from . import cross_attention_modules
+    from . import passed_through_modules
 
     original = model.config._attn_implementation
     _register_reference(original)
-    for m in cross_attention_modules(model):
+    for m in passed_through_modules(model):
         m._compat_cross = True
     _reference_mask2d[0] = mask
     try:
