@@ -334,7 +334,9 @@ def _check_supported(model) -> list[nn.Module]:
         why = ("several stacks of attention layers share layer indices (e.g. byte-level local and global "
                "transformers), so a layer index and a token position do not name one thing")
     if why is None and not all(getattr(m, "is_causal", False) is True for m in mods):
-        why = "its self-attention is not causal (an encoder, or a decoder built without is_decoder=True)"
+        why = ("its self-attention modules do not declare is_causal=True, so longattn cannot tell that they are "
+               "causal (an encoder; a decoder built without is_decoder=True; BigBird-Pegasus's decoder, which SDPA "
+               "then runs bidirectionally when no padding mask is given; Doge, which adds a learned mask of its own)")
     if why:
         raise UnsupportedModelError(
             f"longattn cannot patch {name}: {why}. Supported: causal LMs whose softmax self-attention goes "

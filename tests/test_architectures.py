@@ -17,13 +17,15 @@ MUST_PASS = ("llama", "mistral", "gemma2", "gemma3_text", "qwen3", "opt", "bart"
              "flint", "mimo_v2_flash", "qwen3_next", "qwen3_5_text", "jamba", "granitemoehybrid", "nemotron_h",
              "lfm2_moe", "olmo_hybrid", "bamba", "gpt2", "phi3",
              # latent (MLA) caches, DeepSeek sparse attention, hybrid cache layers, shared attention blocks, KV
-             # sharing between layers, KV heads tiled per expert, codebook LMs
+             # sharing between layers, KV heads tiled per expert, codebook LMs, a cache class of its own, recurrent
+             # stacks, an audio encoder beside the decoder, a cache generate copies
              "deepseek_v2", "deepseek_v3", "kimi_linear", "deepseek_v32", "glm_moe_dsa", "falcon_h1", "zaya",
-             "zamba", "zamba2", "gemma3n_text", "gemma4_text", "jetmoe", "musicgen", "hy_v4", "minimax")
+             "zamba", "zamba2", "gemma3n_text", "gemma4_text", "jetmoe", "musicgen", "hy_v4", "minimax",
+             "hrm_text", "moss_transcribe_diarize", "dory")
 # Architectures no tiny model can stand for alone, and the words of the reason.
 NO_TINY_MODEL = {"gemma3n": "timm", "gemma4_assistant": "hidden_size_per_layer_input",
                  "gemma4_unified_assistant": "shared_kv_states"}
-MIN_PASSING = 127  # measured with transformers 5.24 (evals/results/compatibility.md); the goal is 165
+MIN_PASSING = 158  # measured with transformers 5.24 (evals/results/compatibility.md)
 
 _results: dict = {}
 

@@ -147,7 +147,8 @@ def test_unsupported_models_name_the_class():
 
     bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=32, vocab_size=50))
-    with pytest.raises(longattn.UnsupportedModelError, match="cannot patch BertForMaskedLM: its self-attention is not causal"):
+    with pytest.raises(longattn.UnsupportedModelError,
+                       match="cannot patch BertForMaskedLM: its self-attention modules do not declare is_causal=True"):
         longattn.patch(bert, "dense")
     t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=32, num_layers=1, num_heads=2, vocab_size=50,
                                              d_kv=16))

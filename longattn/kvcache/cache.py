@@ -377,10 +377,11 @@ class CompressedCache(DynamicCache):
     put one in place of the cache generate would have made.
     """
 
-    def __new__(cls, policy: KVPolicy, model, base: Cache | None = None):
+    def __new__(cls, policy: KVPolicy | None = None, model=None, base: Cache | None = None):
         # A model with a DynamicCache subclass of its own (MiniMax's keeps linear-attention state beside the
         # attention layers) gets a compressed cache of that class, so that its extra methods and state are there.
-        own = own_cache_class(model)
+        # (copy / deepcopy call __new__ with no arguments: the class is already the right one.)
+        own = None if model is None else own_cache_class(model)
         if cls is CompressedCache and own is not None:
             cls = _compressed_classes.setdefault(own, type(f"Compressed{own.__name__}", (CompressedCache, own), {}))
         return super().__new__(cls)
