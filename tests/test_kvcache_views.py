@@ -91,7 +91,8 @@ def test_knorm_pools_the_per_head_key_norms_of_each_latent():
         model(input_ids=ids, attention_mask=mask, cache=plain, use_cache=True)
     attn = model.model.layers[0].self_attn
     latents, rope_keys = plain.layers[0].keys, plain.layers[0].values
-    keys, _ = attn.expand_kv(latents, rope_keys)  # [B, heads, N, D]: the keys attention really uses
+    with torch.no_grad():
+        keys, _ = attn.expand_kv(latents, rope_keys)  # [B, heads, N, D]: the keys attention really uses
     for b in range(2):
         scores = [-sum(float(keys[b, h, j].double().norm()) for h in range(keys.shape[1])) for j in range(PROMPT)]
         real = [j for j in range(PROMPT) if mask[b, j]]
