@@ -198,8 +198,9 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
         meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
         if meter is not None:
             q_tok = entries.token_index[0, 0, -query.shape[2]:]
-            meter.add("prefill" if query.shape[2] > 1 else "decode",
-                      int(allowed[0].sum()) // allowed.shape[1], int((q_tok + 1).sum()))
+            q, n = query.shape[2], key.shape[2]  # allowed None: bottom-right causal over all n entries
+            pairs = q * (n - q) + q * (q + 1) // 2 if allowed is None else int(allowed[0].sum()) // allowed.shape[1]
+            meter.add("prefill" if q > 1 else "decode", pairs, int((q_tok + 1).sum()))
         result = out.transpose(1, 2).contiguous(), None
     else:
         result = _dispatch(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -100,6 +100,24 @@ def test_knorm_keeps_smallest_key_norms(recorder):
                 assert rec["kept"][b][h] == top_tokens(rec, b, h, [-n for n in norms], 9)
 
 
+def test_evict_every_amortises_decoding_and_never_exceeds_the_budget(recorder):
+    model = make_model("qwen2")
+    ids = (torch.randperm(93, generator=torch.Generator().manual_seed(1))[:50] + 3).view(2, 25)
+    generate(model, "knorm", ids, new=12, kv_budget=9, evict_every=4)
+    layer0 = [rec for rec in recorder if rec["layer"] == 0]
+    held = [len(rec["kept"][0][0]) for rec in layer0]
+    # prefill keeps the budget; decoding evicts to 9 - 4 + 1 = 6 when a step would exceed 9, i.e. every 4 steps
+    assert held == [9, 6, 7, 8, 9, 6, 7, 8, 9, 6, 7, 8]
+    for rec, n in zip(recorder, [len(r["kept"][0][0]) for r in recorder]):
+        if rec["keys"].shape[2] > n:  # an eviction: the lowest key norms among the entries of that step
+            for b in range(2):
+                for h in heads(rec):
+                    norms = [float(k.double().norm()) for k in rec["keys"][b, h]]
+                    assert rec["kept"][b][h] == top_tokens(rec, b, h, [-x for x in norms], n)
+    with pytest.raises(ValueError, match="evict_every"):
+        make_policy("knorm", kv_budget=4, evict_every=5)
+
+
 def test_tova_keeps_what_the_last_query_attends_to_head_averaged(recorder):
     model = make_model("qwen2")
     ids = torch.randint(3, 96, (1, 25), generator=torch.Generator().manual_seed(2))

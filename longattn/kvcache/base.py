@@ -93,7 +93,8 @@ class KVPolicy:
     kv_budget bounds what each layer keeps per KV head after every forward (prefill and each decoding step);
     compression_ratio evicts that fraction of the prompt once, after prefill (the kvpress convention). At least
     one of them must be given; with both, the prompt is cut to the smaller of the two and decoding stays within
-    kv_budget.
+    kv_budget. evict_every > 1 amortises decoding: a layer that would exceed its budget evicts down to
+    budget - evict_every + 1, so the policy scores once every evict_every steps and the budget still holds.
     """
 
     name: ClassVar[str] = ""
@@ -104,6 +105,7 @@ class KVPolicy:
 
     kv_budget: int | None = None
     compression_ratio: float | None = None
+    evict_every: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -115,6 +117,9 @@ class KVPolicy:
         check(self.name, "compression_ratio", self.compression_ratio is None or (
             isinstance(self.compression_ratio, (int, float)) and 0 < self.compression_ratio < 1),
             "None or a number in (0, 1)", self.compression_ratio)
+        check(self.name, "evict_every", isinstance(self.evict_every, int) and self.evict_every >= 1 and (
+            self.kv_budget is None or self.evict_every <= self.kv_budget), "an integer in [1, kv_budget]",
+            self.evict_every)
         if self.kv_budget is None and self.compression_ratio is None:
             raise ValueError(f"{self.name}: give kv_budget (tokens kept per layer and KV head, bounded while "
                              f"decoding) and/or compression_ratio (fraction of the prompt evicted after prefill)")
@@ -140,12 +145,18 @@ class KVPolicy:
         if not limits:
             return None  # prompt-only compression: decoding appends freely
         keep = self.layer_share(min(limits), layer_idx, n_layers)
-        return None if keep >= n_entries else keep
+        if keep >= n_entries:
+            return None
+        return keep if n_prompt is not None else max(1, keep - self.evict_every + 1)
 
     # -------------------------------------------------------------------------------------- the policy
     def score(self, inp: ScoreInput) -> torch.Tensor:
         """[B, Hkv, N] importance of each entry (higher = keep); +inf = must keep, -inf = drop first."""
         raise NotImplementedError
+
+    def observe(self, inp: ScoreInput) -> None:
+        """Update the policy's memory with a forward after which nothing is evicted (only `stateful` policies
+        are asked; scoring is left for the forwards that evict)."""
 
     def select(self, scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices [B, Hkv, M] into the entries, slot_valid [B, Hkv, M]): the `keep` best per head, in

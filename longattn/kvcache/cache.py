@@ -72,7 +72,15 @@ class Entries:
         """Attention of this forward's queries over `keys`/`values` (one per entry), by stream index: causal,
         valid entries only, restricted by the layer's positional `pattern` (a mask function over stream indices,
         or None for plain causal), by the model's own sliding window and by the entries its indexer `selected`
-        ([B, Q, N] bool, DeepSeek Sparse Attention). Returns ([B, Hq, Q, D], allowed [B, Hq, Q, N])."""
+        ([B, Q, N] bool, DeepSeek Sparse Attention). Returns ([B, Hq, Q, D], allowed [B, Hq, Q, N]), allowed None
+        when it is plain causal over every entry (then no mask is built: the kernel's own causal path runs)."""
+        if (pattern is None or pattern is causal) and sliding_window is None and selected is None and \
+                bool(self.valid.all()):
+            # Kept entries precede this forward's tokens and all are stored in stream order, so causal by stream
+            # index is bottom-right causal by entry index: the plain kernel, no S x N mask (a decode step sees all).
+            mask = AttentionMask.causal(query.shape[2], keys.shape[2], batch_size=query.shape[0], device=query.device)
+            return dense_attention(query, keys, values, mask, scale=scale, softcap=softcap,
+                                   backend="sdpa" if softcap is None else "math", learned_sinks=learned_sinks), None
         q_tok = self.token_index[:, :1, -self.n_new:].unsqueeze(-1)  # [B, 1, Q, 1]
         k_tok = self.token_index.unsqueeze(2)  # [B, Hkv, 1, N]
         allowed = self.valid.unsqueeze(2) & (k_tok <= q_tok)
@@ -248,11 +256,12 @@ class CompressedLayer(DynamicLayer):
         inp = ScoreInput(keys, values, self.token_index.repeat(1, r, 1), self.valid.repeat(1, r, 1), query,
                          self.n_new, scale, softcap, self.layer_idx, self.n_layers, first, self.entry_state, self.state,
                          learned_sinks)
-        scores = self.policy.score(inp)
         pooled = self.view is not None or self.heads_share_entries
         self.view = None
-        if keep is None:
+        if keep is None:  # nothing to evict: a stateful policy only updates its memory
+            self.policy.observe(inp)
             return
+        scores = self.policy.score(inp)
         if pooled:
             # MLA: every head reads the same latent entries; JetMoE's heads read KV heads tiled in another order
             # than grouped-query attention's; an indexer keeps one key per entry for all heads. The heads' scores

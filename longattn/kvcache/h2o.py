@@ -39,13 +39,19 @@ class H2O(KVPolicy):
             isinstance(self.recent_window, int) and self.recent_window >= 0), "None or an integer >= 0",
             self.recent_window)
 
-    def score(self, inp: ScoreInput) -> torch.Tensor:
+    def observe(self, inp: ScoreInput) -> torch.Tensor:
+        """Add the attention every entry receives from this forward's queries to its accumulated total."""
         acc = inp.entry_state.get("accumulated")
         n = inp.keys.shape[-2]
         acc = torch.zeros(inp.keys.shape[:3], device=inp.keys.device) if acc is None else \
             F.pad(acc, (0, n - acc.shape[-1]))
         acc = acc + inp.attention_probs()  # chunked over queries: the prompt never holds S x S scores
         inp.entry_state["accumulated"] = acc
+        return acc
+
+    def score(self, inp: ScoreInput) -> torch.Tensor:
+        acc = self.observe(inp)
+        n = inp.keys.shape[-2]
         if self.recent_window is not None:
             recent = self.recent_window
         else:

@@ -57,6 +57,9 @@ class SnapKV(KVPolicy):
         inp.state["queries"], inp.state["query_tokens"] = q, tok
         return q, tok
 
+    def observe(self, inp: ScoreInput) -> None:
+        self.observation(inp)  # only the window of queries is remembered; votes are cast when evicting
+
     def votes(self, inp: ScoreInput) -> torch.Tensor:
         """[B, Hkv, N] pooled attention votes of the observation window."""
         q, tok = self.observation(inp)
