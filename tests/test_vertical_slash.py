@@ -61,10 +61,13 @@ def test_selection_equals_slow_rule():
 
 
 @pytest.mark.parametrize("chunk", [512, 7])
-def test_attention_and_lse_equal_explicit_mask(chunk, monkeypatch):
+@pytest.mark.parametrize("dense_enough", [0.0, 2.0])  # keys contiguous with the mask / gathered per tile
+def test_attention_and_lse_equal_explicit_mask(chunk, dense_enough, monkeypatch):
     from longattn.methods import vertical_slash as vs
 
     monkeypatch.setattr(vs, "QUERY_CHUNK", chunk)
+    monkeypatch.setattr(vs, "QUERY_TILE", 8)  # several tiles, a partial last one
+    monkeypatch.setattr(vs, "DENSE_ENOUGH", dense_enough)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, h, 45, 16, generator=g) * 2 for h in (4, 2, 2))
     pad = torch.ones(2, 45, dtype=torch.bool)

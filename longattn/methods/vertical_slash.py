@@ -8,11 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.dense import dense_attention
+from ..kernels.gathered import gathered_attention
 from ..kernels.masks import AttentionMask
 from .base import AttendCall, AttentionMethod, check
 
 DEFAULT_VERTICAL, DEFAULT_SLASH = 1000, 2048  # MInference's default sizes
-QUERY_CHUNK = 512  # queries per step of the kernel (bounds the gathered diagonal keys)
+QUERY_CHUNK = 512  # queries per step when counting attended pairs
+QUERY_TILE = 64  # queries per gathered tile: the keys its queries need are gathered once
+# Above this share of their causal keys, the tiles' keys are not gathered (see vertical_slash_attention).
+DENSE_ENOUGH = 0.25
 
 
 def vertical_slash_select(query, key, mask: AttentionMask, scale: float, vertical_size: int, slash_size: int,
@@ -50,47 +54,93 @@ def vertical_slash_select(query, key, mask: AttentionMask, scale: float, vertica
 def vertical_slash_attention(query, key, value, mask: AttentionMask, columns, diagonals, scale: float,
                              return_lse: bool = False):
     """Exact attention where query q sees key k iff the mask allows it and k is a selected column or q - k a
-    selected diagonal. Work ~ Q x (columns + diagonals): columns are a shared-key matmul, diagonals one gathered
-    key per query and diagonal, and both go through one softmax (a key in both sets counts once)."""
+    selected diagonal. Per tile of QUERY_TILE queries, the keys any of its queries may see (the columns, and for
+    each diagonal the run of keys it crosses in the tile) are gathered once and attended with SDPA, each query
+    restricted to its own columns and diagonals: work ~ Q x (columns + diagonals + QUERY_TILE)."""
     b, hq, q_len, d = query.shape
     k_len = key.shape[2]
     groups = hq // key.shape[1]
+    n_offsets = max(1, mask.q_offset + q_len - mask.kv_offset)  # offsets q - k that a causal pair can have
+    is_column = torch.zeros(b, hq, k_len, dtype=torch.bool, device=query.device).scatter_(-1, columns, True)
+    size = max(n_offsets, int(diagonals.max()) + 1)  # (offsets past the last causal one select no pair)
+    is_diagonal = torch.zeros(b, hq, size, dtype=torch.bool, device=query.device).scatter_(-1, diagonals, True)
+    is_diagonal = is_diagonal[..., :n_offsets]
+    key_index = _tile_keys(is_column, is_diagonal, mask, q_len)
+    tiles = torch.arange(key_index.shape[2], device=query.device)
+    causal_keys = (torch.clamp((tiles + 1) * QUERY_TILE, max=q_len) + mask.q_offset - mask.kv_offset).clamp(1, k_len)
+    if float((key_index >= 0).sum(-1).float().mean()) > DENSE_ENOUGH * float(causal_keys.float().mean()):
+        # The tiles need most of their causal keys (short prompts, spread diagonals): gathering them costs more
+        # than attending to the contiguous keys with the exact mask, which keeps GQA unexpanded and copies nothing.
+        return _masked_chunks(query, key, value, mask, is_column, is_diagonal, scale, return_lse)
     if groups > 1:  # each query head picks its own keys: give every query head its KV head's keys
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    k_cols = key.gather(2, columns.unsqueeze(-1).expand(-1, -1, -1, d))  # [B, Hq, V, D]
-    v_cols = value.gather(2, columns.unsqueeze(-1).expand(-1, -1, -1, d))
-    is_column = torch.zeros(b, hq, k_len, dtype=torch.bool, device=query.device).scatter_(-1, columns, True)
-    batch_idx = torch.arange(b, device=query.device).view(b, 1, 1, 1)
-    head_idx = torch.zeros(1, dtype=torch.long, device=query.device).view(1, 1, 1, 1)
+
+    def own_keys(c0, c, idx):  # [B, Hq, c, 1, T, W]: is each gathered key a column or on a diagonal of the query?
+        k = idx.clamp_min(0)
+        col = is_column.gather(-1, k.flatten(2)).view_as(k).unsqueeze(3).unsqueeze(4)
+        q_abs = (torch.arange(c0 * QUERY_TILE, (c0 + c) * QUERY_TILE, device=query.device)
+                 + mask.q_offset).view(1, 1, c, 1, QUERY_TILE, 1)
+        offset = q_abs - (k + mask.kv_offset).unsqueeze(3).unsqueeze(4)
+        on_diag = is_diagonal.gather(-1, offset.clamp(0, n_offsets - 1).flatten(2)).view_as(offset) & (offset >= 0)
+        return col | on_diag
+
+    return gathered_attention(query, key, value, mask, key_index, block_size=QUERY_TILE, scale=scale,
+                              return_lse=return_lse, tile_filter=own_keys)
+
+
+def _masked_chunks(query, key, value, mask: AttentionMask, is_column, is_diagonal, scale: float, return_lse: bool):
+    """The same attention, QUERY_CHUNK queries at a time over the keys up to the chunk's last query, with the exact
+    mask [B, Hq, chunk, keys] (the model's mask, and column or selected diagonal)."""
+    from ..kernels.dense import sdpa_tensors
+
+    q_len, n_offsets = query.shape[2], is_diagonal.shape[-1]
+    b_idx = torch.arange(query.shape[0], device=query.device).view(-1, 1, 1, 1)
+    h_idx = torch.zeros(1, dtype=torch.long, device=query.device).view(1, 1, 1, 1)
     outs, lses = [], []
     for q0 in range(0, q_len, QUERY_CHUNK):
-        qc = query[:, :, q0:q0 + QUERY_CHUNK]
-        c = qc.shape[2]
+        c = min(QUERY_CHUNK, q_len - q0)
         q_abs = (torch.arange(q0, q0 + c, device=query.device) + mask.q_offset).view(1, 1, c, 1)
-        # Columns: one matmul against the shared selected keys.
-        s_col = torch.matmul(qc, k_cols.transpose(-1, -2)).float() * scale  # [B, Hq, c, V]
-        col_abs = (columns + mask.kv_offset).unsqueeze(2)  # [B, Hq, 1, V]
-        ok_col = mask.fn(batch_idx, head_idx, q_abs, col_abs)
-        # Diagonals: key q - s for each selected offset s (skipped where it is a selected column already).
-        k_local = q_abs - mask.kv_offset - diagonals.unsqueeze(2)  # [B, Hq, c, S]
-        in_range = (k_local >= 0) & (k_local < k_len)
-        safe = k_local.clamp(0, k_len - 1)
-        ok_diag = in_range & mask.fn(batch_idx, head_idx, q_abs, safe + mask.kv_offset)
-        ok_diag = ok_diag & ~is_column.gather(-1, safe.flatten(2)).view_as(safe)
-        flat = safe.flatten(2)  # [B, Hq, c * S]
-        k_diag = key.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(*safe.shape, d)
-        v_diag = value.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, d)).view(*safe.shape, d)
-        s_diag = (qc.unsqueeze(3) * k_diag).sum(-1).float() * scale  # [B, Hq, c, S]
-        scores = torch.cat([s_col.masked_fill(~ok_col, float("-inf")), s_diag.masked_fill(~ok_diag, float("-inf"))],
-                           dim=-1)
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.clamp_min(-1e30).unsqueeze(-1))  # a query with no key: 0, not nan
-        n_col = columns.shape[-1]
-        p_col, p_diag = probs[..., :n_col].to(value.dtype), probs[..., n_col:].to(value.dtype)
-        outs.append(torch.matmul(p_col, v_cols) + (p_diag.unsqueeze(-1) * v_diag).sum(3))
+        end = min(key.shape[2], int(q_abs.max()) - mask.kv_offset + 1)  # keys after the chunk's last query: none
+        k_abs = (torch.arange(end, device=query.device) + mask.kv_offset).view(1, 1, 1, end)
+        offset = (q_abs - k_abs).clamp(0, n_offsets - 1)  # [1, 1, c, end]
+        chosen = is_column[..., :end].unsqueeze(2) | is_diagonal.gather(
+            -1, offset.expand(*is_diagonal.shape[:2], c, end).flatten(2)).view(*is_diagonal.shape[:2], c, end)
+        allowed = chosen & mask.fn(b_idx, h_idx, q_abs, k_abs)
+        res = sdpa_tensors(query[:, :, q0:q0 + c], key[:, :, :end], value[:, :, :end], allowed, is_causal=False,
+                           scale=scale, return_lse=return_lse)
+        out, lse = res if isinstance(res, tuple) else (res, None)
+        outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=2)
     return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def _tile_keys(is_column, is_diagonal, mask: AttentionMask, q_len: int) -> torch.Tensor:
+    """[B, Hq, tiles, W] local indices of the keys each tile of queries may need (-1 = empty slot): its heads'
+    columns, and every key some query of the tile reaches along a selected diagonal, up to the tile's last query."""
+    b, hq, k_len = is_column.shape
+    n_tiles = math.ceil(q_len / QUERY_TILE)
+    # Prefix counts of the selected offsets: does some diagonal s fall in [lo, hi]?
+    counts = torch.nn.functional.pad(is_diagonal.long().cumsum(-1), (1, 0))  # [B, Hq, n_offsets + 1]
+    n_offsets = is_diagonal.shape[-1]
+    k_abs = torch.arange(k_len, device=is_column.device) + mask.kv_offset
+    chunk = max(1, (1 << 24) // max(1, b * hq * k_len))  # tiles whose [B, Hq, tiles, K] coverage is held at once
+    parts, width = [], 1
+    for t0 in range(0, n_tiles, chunk):
+        first = (torch.arange(t0, min(t0 + chunk, n_tiles), device=is_column.device) * QUERY_TILE + mask.q_offset)
+        last = torch.clamp(first + QUERY_TILE - 1, max=mask.q_offset + q_len - 1)
+        lo = (first.view(-1, 1) - k_abs).clamp(0, n_offsets)  # [t, K]
+        hi = (last.view(-1, 1) - k_abs + 1).clamp(0, n_offsets)
+        on_diag = (counts.gather(-1, hi.flatten().expand(b, hq, -1)) -
+                   counts.gather(-1, lo.flatten().expand(b, hq, -1))).view(b, hq, -1, k_len) > 0
+        causal = (k_abs.view(1, -1) <= last.view(-1, 1))  # [t, K]
+        need = (on_diag | is_column.unsqueeze(2)) & causal
+        order = torch.arange(k_len, device=is_column.device)
+        ranked = torch.where(need, order, order + k_len).sort(dim=-1).values  # needed keys first, in order
+        parts.append(ranked)
+        width = max(width, int(need.sum(-1).max()))
+    ranked = torch.cat(parts, dim=2)[..., :width]
+    return torch.where(ranked < k_len, ranked, torch.full_like(ranked, -1))
 
 
 @dataclass
