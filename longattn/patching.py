@@ -69,6 +69,7 @@ class PatchState:
     sequence_parallel: object = None  # a longattn.parallel.SequenceParallel when the sequence is sharded over ranks
     kv_policy: object = None  # a longattn.kvcache.KVPolicy when the KV cache is compressed
     kv_hook: object = None  # the forward pre-hook that puts the compressed cache in place
+    method_hook: object = None  # the method's own cache preparation (Quest's block metadata), if any
 
     def __repr__(self) -> str:  # what a REPL shows after patch(): the method, not the model's module tree
         kv = f", kv_cache={self.kv_policy!r}" if self.kv_policy is not None else ""
@@ -477,6 +478,8 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
         from .kvcache.cache import install_cache_hook
 
         state.kv_policy, state.kv_hook = policy, install_cache_hook(model, policy)
+    else:
+        state.method_hook = spec.install_cache(model)
     model._longattn = state
     return state
 
@@ -492,6 +495,8 @@ def unpatch(model) -> None:
             delattr(cfg, _CONFIG_ORIG_ATTR)
     if state.kv_hook is not None:
         state.kv_hook.remove()
+    if state.method_hook is not None:
+        state.method_hook.remove()
     for m in attention_modules(model) + passed_through_modules(model):
         for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR, _KV_SOURCE_ATTR):
             if hasattr(m, attr):

@@ -6,7 +6,8 @@ costs, so that the share of attention in the dense forward is measured, not gues
 `--density`. Runs alternate between the baseline and the method (best of `--repeats`), and each method's
 attention density is read from its own meter. The ideal whole-model speedup of a method is
 1 / ((1 - a) + a x density) with `a` the attention share; the report gives the measured speedup, the ideal and
-their ratio. JSON output.
+their ratio. JSON output, written after every row: a run that is interrupted (or given more methods or lengths)
+resumes with the rows already in --out for the same model, dtype and density.
 
     python scripts/bench_prefill.py --model smollm2-135m-instruct --lengths 2048 4096 \\
         --out evals/results/bench_prefill_smollm2.json
@@ -71,42 +72,60 @@ def main(argv=None) -> None:
     AttentionInterface.register(NO_ATTENTION, _no_attention)
     AttentionMaskInterface.register(NO_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     vocab = min(model.config.get_text_config().vocab_size, 32000)
-    rows = []
-    for length in args.lengths:
-        ids = torch.randint(5, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-        dense = min(forward_seconds(model, ids) for _ in range(args.repeats))
-        original = model.config._attn_implementation
-        model.set_attn_implementation(NO_ATTENTION)
-        rest = min(forward_seconds(model, ids) for _ in range(args.repeats))
-        model.set_attn_implementation(original)
-        share = max(0.0, (dense - rest) / dense)
-        rows.append(dict(length=length, method="dense", seconds=dense, density=1.0, speedup=1.0,
-                         attention_share=share, rest_seconds=rest))
-        print(json.dumps(rows[-1]), flush=True)
-        for name in args.methods:
-            params = METHODS[name](args.density, length)
-            times, base = [], []
-            for _ in range(args.repeats):  # alternate with the baseline: both see the same machine
-                base.append(forward_seconds(model, ids))
-                longattn.patch(model, name, **params)
-                state = longattn.patch_state(model)
-                times.append(forward_seconds(model, ids))
-                density = state.meter.density("prefill")
-                longattn.unpatch(model)
-            seconds, baseline = min(times), min(base)
-            ideal = 1 / ((1 - share) + share * density)
-            speedup = baseline / seconds
-            rows.append(dict(length=length, method=name, params=params, seconds=seconds, baseline_seconds=baseline,
-                             density=density, speedup=speedup, ideal_speedup=ideal,
-                             fraction_of_ideal=(speedup - 1) / (ideal - 1) if ideal > 1 else None))
-            print(json.dumps(rows[-1]), flush=True)
     result = dict(model=args.model, dtype=args.dtype, target_density=args.density, repeats=args.repeats,
-                  threads=torch.get_num_threads(), versions=versions(), rows=rows,
+                  threads=torch.get_num_threads(), versions=versions(), rows=[],
                   baseline="the unpatched model (transformers' SDPA), alternating with each method in the same run",
                   goal="no method slower than dense at density <= 0.5; window family and vertical_slash at density "
                        "0.25 >= 80% of the ideal whole-model speedup at 8k")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    if args.out.exists():
+        old = json.loads(args.out.read_text())
+        if (old.get("model"), old.get("dtype"), old.get("target_density")) == (args.model, args.dtype, args.density):
+            result["rows"] = old["rows"]
+    rows = result["rows"]
+    done = {(r["length"], r["method"]) for r in rows}
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+    for length in args.lengths:
+        ids = torch.randint(5, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+        if (length, "dense") in done:
+            share = next(r["attention_share"] for r in rows if (r["length"], r["method"]) == (length, "dense"))
+        else:
+            dense = min(forward_seconds(model, ids) for _ in range(args.repeats))
+            original = model.config._attn_implementation
+            model.set_attn_implementation(NO_ATTENTION)
+            rest = min(forward_seconds(model, ids) for _ in range(args.repeats))
+            model.set_attn_implementation(original)
+            share = max(0.0, (dense - rest) / dense)
+            record(dict(length=length, method="dense", seconds=dense, density=1.0, speedup=1.0,
+                        attention_share=share, rest_seconds=rest))
+        for name in args.methods:
+            if (length, name) in done:
+                continue
+            params = METHODS[name](args.density, length)
+            times, base = [], []
+            try:
+                for _ in range(args.repeats):  # alternate with the baseline: both see the same machine
+                    base.append(forward_seconds(model, ids))
+                    longattn.patch(model, name, **params)
+                    state = longattn.patch_state(model)
+                    times.append(forward_seconds(model, ids))
+                    density = state.meter.density("prefill")
+                    longattn.unpatch(model)
+            except (ValueError, longattn.UnsupportedModelError) as e:  # the method refuses this model: say why
+                longattn.unpatch(model)
+                record(dict(length=length, method=name, params=params, refused=str(e)))
+                continue
+            seconds, baseline = min(times), min(base)
+            ideal = 1 / ((1 - share) + share * density)
+            speedup = baseline / seconds
+            record(dict(length=length, method=name, params=params, seconds=seconds, baseline_seconds=baseline,
+                        density=density, speedup=speedup, ideal_speedup=ideal,
+                        fraction_of_ideal=(speedup - 1) / (ideal - 1) if ideal > 1 else None))
 
 
 if __name__ == "__main__":

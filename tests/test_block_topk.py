@@ -143,3 +143,31 @@ def test_selection_in_query_chunks_equals_one_pass(monkeypatch):
     allowed = explicit_mask(quest_select(q, k, mask, 8, 4), 8, 150)
     ref = dense_attention(q, k, v, AttentionMask.from_tensor(allowed), scale=0.25, backend="math")
     torch.testing.assert_close(parts, ref, atol=1e-5, rtol=0)
+
+
+def test_decoding_keeps_block_bounds_in_the_cache_and_matches_computing_them():
+    """Quest's page metadata: the cache generate() makes keeps each block's key min / max, updated per token; the
+    bounds equal those computed from the keys, and decoding with them equals decoding from a plain cache."""
+    from transformers import DynamicCache
+
+    from longattn.kvcache.quest import BlockBoundsLayer
+    from longattn.methods.block_topk import block_bounds
+
+    model = make_model("llama")
+    ids = torch.randint(3, 96, (2, 37), generator=torch.Generator().manual_seed(5))
+    longattn.patch(model, "block_topk", block_size=8, top_k=2)
+    kept = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                          output_logits=True)
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                           output_logits=True, cache=DynamicCache(config=model.config))
+    longattn.unpatch(model)
+    cache = kept.past_key_values
+    assert all(isinstance(layer, BlockBoundsLayer) for layer in cache.layers)
+    for layer in cache.layers:  # 37 + 5 fed tokens: 6 blocks, the last one partial
+        centre, radius, first = block_bounds(layer.keys, 8)
+        assert first == 0 and layer.lo.shape[2] == 6
+        torch.testing.assert_close((layer.hi + layer.lo) / 2, centre, atol=0, rtol=0)
+        torch.testing.assert_close((layer.hi - layer.lo) / 2, radius, atol=0, rtol=0)
+    assert torch.equal(kept.sequences, plain.sequences)
+    for a, b in zip(kept.logits, plain.logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

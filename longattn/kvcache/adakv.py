@@ -1,6 +1,7 @@
 """AdaKV: one budget per layer, shared out among its heads by how concentrated their attention is."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,11 @@ class AdaKV(SnapKV):
         super().validate()
         check(self.name, "alpha_safeguard", isinstance(self.alpha_safeguard, (int, float))
               and 0 <= self.alpha_safeguard <= 1, "in [0, 1]", self.alpha_safeguard)
+
+    def held(self, width: int, valid: torch.Tensor) -> int:
+        # The budget is the layer's total (budget x heads): the tensors are as wide as the fullest head, so the
+        # layer is over budget when its heads hold more than `budget` real entries on average.
+        return math.ceil(valid.sum(-1).float().mean().item())
 
     def select(self, scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, n = scores.shape

@@ -134,6 +134,11 @@ class KVPolicy:
         """Entries this layer keeps when the average over layers is `keep` (uniform; PyramidKV overrides)."""
         return keep
 
+    def held(self, width: int, valid: torch.Tensor) -> int:
+        """Entries per KV head a layer holds, against which its budget is checked: the width of its tensors
+        (head-adaptive policies, whose heads hold different numbers, override)."""
+        return width
+
     def target(self, n_entries: int, n_prompt: int | None, layer_idx: int, n_layers: int) -> int | None:
         """How many entries (per KV head) the layer keeps after this forward; None = keep everything.
 

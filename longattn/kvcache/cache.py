@@ -247,7 +247,7 @@ class CompressedLayer(DynamicLayer):
                                        f"{self.leader.layer_idx}'s indexer but holds other entries")
                 self.evict(idx, slot_valid)
             return
-        n = self.keys.shape[-2]
+        n = self.policy.held(self.keys.shape[-2], self.valid)
         keep = self.policy.target(n, self.prompt_length if first else None, self.layer_idx, self.n_layers)
         if keep is None and not self.policy.stateful:
             return

@@ -51,6 +51,10 @@ class AttentionMethod:
         """query [B, Hq, Q, D], key/value [B, Hkv, K, D] (unexpanded GQA) -> output [B, Hq, Q, D]."""
         raise NotImplementedError
 
+    def install_cache(self, model):
+        """Prepare the cache generate() makes for this method (a hook handle with .remove(), or None)."""
+        return None
+
     def computed_pairs(self, mask: AttentionMask) -> int:
         """Query-key pairs this method attends to in one call (per sequence): the density numerator."""
         return mask.pair_count()

@@ -37,17 +37,21 @@ def block_bounds(key: torch.Tensor, block_size: int, kv_offset: int = 0):
 
 
 def quest_select(query: torch.Tensor, key: torch.Tensor, mask: AttentionMask, block_size: int,
-                 top_k: int | None = None, density: float | None = None):
+                 top_k: int | None = None, density: float | None = None, bounds=None):
     """[B, Hq, Q, n_blocks] bool: the key blocks each query attends to.
 
     Upper bound of q.k over block j: sum_d max(q_d min_jd, q_d max_jd) = q.centre_j + |q|.radius_j (Tang et
     al. 2024). A query always keeps its own block and takes the top_k - 1 best earlier blocks; with `density`
     instead, a query whose block is the n-th keeps ceil(density * n) blocks (so every query, in prefill or in
-    decode, keeps the same fraction of the blocks before it).
+    decode, keeps the same fraction of the blocks before it). `bounds` (lo, hi) are the blocks' min / max when
+    the cache keeps them (keys starting at position 0), else they are computed from the keys.
     """
     b, hq, q_len, d = query.shape
     groups = hq // key.shape[1]
-    centre, radius, first_block = block_bounds(key, block_size, mask.kv_offset)
+    if bounds is not None and mask.kv_offset == 0:
+        centre, radius, first_block = (bounds[1] + bounds[0]) / 2, (bounds[1] - bounds[0]) / 2, 0
+    else:
+        centre, radius, first_block = block_bounds(key, block_size, mask.kv_offset)
     centre, radius = centre.repeat_interleave(groups, 1), radius.repeat_interleave(groups, 1)
     n_blocks = centre.shape[2]
     q = query.float()
@@ -115,23 +119,31 @@ class BlockTopK(AttentionMethod):
             check(self.name, "density", isinstance(self.density, (int, float)) and 0 < self.density <= 1,
                   "in (0, 1]", self.density)
 
+    def install_cache(self, model):
+        from ..kvcache.quest import install_block_bounds_hook
+
+        return install_block_bounds_hook(model, self.block_size)
+
     def attend(self, query, key, value, mask, call: AttendCall):
         if call.dropout:
             raise ValueError(f"{self.name}: attention dropout is not supported")
+        from ..kvcache.quest import take_block_bounds
+
+        bounds = take_block_bounds(key, self.block_size)  # kept in the cache while decoding (Quest's pages)
         # Selection and its bounds cost queries x key blocks: make them a chunk of query tiles at a time.
         outs, pairs = [], 0
         for q0 in range(0, query.shape[2], SELECT_CHUNK):
             part = dataclasses.replace(mask, q_len=min(SELECT_CHUNK, query.shape[2] - q0),
                                        q_offset=mask.q_offset + q0, dense_builder=None, _cache={})
-            out, n = self._attend_chunk(query[:, :, q0:q0 + SELECT_CHUNK], key, value, part, call)
+            out, n = self._attend_chunk(query[:, :, q0:q0 + SELECT_CHUNK], key, value, part, call, bounds)
             outs.append(out)
             pairs += n
         call.attended_pairs = pairs // (query.shape[0] * query.shape[1])
         return torch.cat(outs, dim=2)
 
-    def _attend_chunk(self, query, key, value, mask, call: AttendCall):
+    def _attend_chunk(self, query, key, value, mask, call: AttendCall, bounds=None):
         bs = self.block_size
-        selected = quest_select(query, key, mask, bs, self.top_k, self.density)  # [B, Hq, Q, nb]
+        selected = quest_select(query, key, mask, bs, self.top_k, self.density, bounds)  # [B, Hq, Q, nb]
         b, hq, q_len, n_blocks = selected.shape
         hkv = key.shape[1]
         groups = hq // hkv
