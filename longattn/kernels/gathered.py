@@ -333,6 +333,8 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
     """
     from .dense import apply_learned_sinks, dense_attention
 
+    # Fewer queries than a tile (decoding): one tile of exactly those queries, not a padded one of GATHER_BLOCK.
+    block = min(GATHER_BLOCK, max(1, pattern.q_len))
     if pattern.window is not None:
         span = pattern.window if span is None else min(span, pattern.window)
     sink_range = None
@@ -341,9 +343,9 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
         hi = (0 if first_token is None else int(first_token.max())) + sinks - 1
         sink_range = (lo, hi)
     if learned_sinks is not None:  # needs each row's log-sum-exp: the gathered tiles or a dense kernel give it
-        index = local_key_index(pattern, GATHER_BLOCK, span, sink_range) if backend in ("auto", "gathered") else None
+        index = local_key_index(pattern, block, span, sink_range) if backend in ("auto", "gathered") else None
         if index is not None and not dropout and (backend == "gathered" or index.shape[1] * 2 <= pattern.kv_len):
-            out, lse = gathered_attention(query, key, value, pattern, index, block_size=GATHER_BLOCK, scale=scale,
+            out, lse = gathered_attention(query, key, value, pattern, index, block_size=block, scale=scale,
                                           softcap=softcap, return_lse=True)
             return apply_learned_sinks(out, lse, learned_sinks)
         return dense_attention(query, key, value, pattern, scale=scale, softcap=softcap, dropout=dropout,
@@ -367,13 +369,13 @@ def local_attention(query, key, value, pattern: AttentionMask, *, span: int | No
             return strided_window_attention(query, key, value, pattern, span=span, block_size=GATHER_BLOCK,
                                             sink_positions=sink_positions, key_padding=pattern.key_padding(),
                                             scale=scale)
-        index = local_key_index(pattern, GATHER_BLOCK, span, sink_range)
+        index = local_key_index(pattern, block, span, sink_range)
         worth_it = pattern.q_len >= GATHER_BLOCK and index.shape[1] * 2 <= pattern.kv_len
         decode_worth_it = pattern.q_len == 1 and index.shape[1] * 2 <= pattern.kv_len
         if backend == "gathered" or worth_it or decode_worth_it:
             if dropout:
                 raise ValueError("attention dropout is not supported by the 'gathered' backend")
-            return gathered_attention(query, key, value, pattern, index, block_size=GATHER_BLOCK, scale=scale,
+            return gathered_attention(query, key, value, pattern, index, block_size=block, scale=scale,
                                       softcap=softcap)
     return dense_attention(query, key, value, pattern, scale=scale, softcap=softcap, dropout=dropout,
                            backend=backend)

@@ -148,11 +148,12 @@ class BlockTopK(AttentionMethod):
         hkv = key.shape[1]
         groups = hq // hkv
         first_block = mask.kv_offset // bs
+        tile = min(QUERY_TILE, q_len)  # (a decoding step is one tile of one query, not a padded tile of 64)
         # Per tile of queries (and per sequence and KV head): the union of the blocks its queries selected.
-        n_tiles = math.ceil(q_len / QUERY_TILE)
-        pad = n_tiles * QUERY_TILE - q_len
+        n_tiles = math.ceil(q_len / tile)
+        pad = n_tiles * tile - q_len
         sel = torch.nn.functional.pad(selected, (0, 0, 0, pad)) if pad else selected
-        sel = sel.view(b, hkv, groups, n_tiles, QUERY_TILE, n_blocks)
+        sel = sel.view(b, hkv, groups, n_tiles, tile, n_blocks)
         union = sel.any(dim=4).any(dim=2)  # [B, Hkv, tiles, nb]
         width = int(union.sum(-1).max())
         picked = union.float().topk(width, dim=-1)  # selected blocks first
@@ -166,7 +167,7 @@ class BlockTopK(AttentionMethod):
 
         def selected_keys(c0, c, idx):  # does each query (and head) of these tiles select each gathered key?
             blk = key_block[:, :, c0:c0 + c].unsqueeze(3).unsqueeze(4)
-            blk = blk.expand(b, hkv, c, groups, QUERY_TILE, blk.shape[-1])
+            blk = blk.expand(b, hkv, c, groups, tile, blk.shape[-1])
             return sel_by_tile[:, :, c0:c0 + c].gather(-1, blk)
 
         # Attended pairs for the density meter: selected keys that the mask allows (summed over sequences, heads).
@@ -175,6 +176,6 @@ class BlockTopK(AttentionMethod):
         lo = torch.clamp(starts, min=mask.kv_offset).view(1, 1, 1, -1)
         hi = torch.minimum(starts + bs - 1, q_pos)
         per_block = (hi - lo + 1).clamp_min(0)
-        out = gathered_attention(query, key, value, mask, key_index, block_size=QUERY_TILE, scale=call.scale,
+        out = gathered_attention(query, key, value, mask, key_index, block_size=tile, scale=call.scale,
                                  softcap=call.softcap, tile_filter=selected_keys)
         return out, int((selected * per_block).sum())
