@@ -41,6 +41,12 @@ class BlockBoundsLayer(DynamicLayer):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         bs = self.block_size
         first = start // bs  # the first block the new keys touch (it may hold older keys too)
+        if self.lo is not None and first == self.lo.shape[2] - 1 and (keys.shape[-2] - 1) // bs == first:
+            # All new keys fall in the last, partial block (a decoding step): widen its bounds in place.
+            torch.minimum(self.lo[:, :, -1:], key_states.amin(dim=2, keepdim=True), out=self.lo[:, :, -1:])
+            torch.maximum(self.hi[:, :, -1:], key_states.amax(dim=2, keepdim=True), out=self.hi[:, :, -1:])
+            _pending.layer = self
+            return keys, values
         n_blocks = math.ceil(keys.shape[-2] / bs)
         tail = keys[:, :, first * bs:]
         pad = (n_blocks - first) * bs - tail.shape[-2]
