@@ -42,6 +42,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     ap.add_argument("--budget", type=int, default=None, help="kv_budget (default: length / 8)")
+    ap.add_argument("--compression-ratio", type=float, default=None,
+                    help="instead of a budget: evict this fraction of the prompt once, then decode freely (kvpress's "
+                         "protocol)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--policies", nargs="+", default=["streaming_llm", "snapkv", "h2o", "tova", "knorm"])
@@ -64,16 +67,17 @@ def main(argv=None) -> None:
         rows.append(dict(length=length, policy="full", kv_budget=None, **full, speedup=1.0))
         print(json.dumps(rows[-1]), flush=True)
         for name in args.policies:
-            for every in args.evict_every:
-                params = dict(kv_budget=budget, evict_every=every)
+            for every in args.evict_every if args.compression_ratio is None else [1]:
+                params = dict(kv_budget=budget, evict_every=every) if args.compression_ratio is None else \
+                    dict(compression_ratio=args.compression_ratio)
                 if name == "streaming_llm":
                     params["sink_tokens"] = 4
                 longattn.patch(model, name, **params)
                 got = decode(model, CompressedCache(make_policy(name, **params), model), prompt, args.steps)
                 longattn.unpatch(model)
-                limit = args.batch * budget * entry_bytes
-                rows.append(dict(length=length, policy=name, kv_budget=budget, evict_every=every, **got,
-                                 budget_bytes=limit, within_budget=got["cache_bytes"] <= limit,
+                limit = args.batch * budget * entry_bytes if args.compression_ratio is None else None  # (decoding grows)
+                rows.append(dict(length=length, policy=name, **params, **got,
+                                 budget_bytes=limit, within_budget=None if limit is None else got["cache_bytes"] <= limit,
                                  speedup=full["ms_per_token"] / got["ms_per_token"],
                                  memory_ratio=got["cache_bytes"] / full["cache_bytes"]))
                 print(json.dumps(rows[-1]), flush=True)

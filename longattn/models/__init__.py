@@ -71,8 +71,13 @@ def is_shared(module: nn.Module) -> bool:
     """An attention module that serves several cache slots: shared by several decoder layers, which pass their own
     index with each call (the tied transformer blocks of Zamba, layer_idx None, and Zamba2, layer_idx -1), or run
     once per recurrent cycle, each cycle with its own slot (HRM's cycle_offset)."""
-    params = inspect.signature(type(module).forward).parameters
+    params = _forward_parameters(type(module))
     return module.layer_idx == -1 or (module.layer_idx is None and "layer_idx" in params) or "cycle_offset" in params
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset:
+    return frozenset(inspect.signature(cls.forward).parameters)  # (asked once per attention call: cached)
 
 
 def attention_layer_indices(model: nn.Module) -> tuple[int, ...]:
