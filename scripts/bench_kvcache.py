@@ -75,9 +75,11 @@ def main(argv=None) -> None:
                 longattn.patch(model, name, **params)
                 got = decode(model, CompressedCache(make_policy(name, **params), model), prompt, args.steps)
                 longattn.unpatch(model)
-                limit = args.batch * budget * entry_bytes if args.compression_ratio is None else None  # (decoding grows)
+                # (with a compression ratio, decoding grows the cache: no budget to hold)
+                limit = args.batch * budget * entry_bytes if args.compression_ratio is None else None
                 rows.append(dict(length=length, policy=name, **params, **got,
-                                 budget_bytes=limit, within_budget=None if limit is None else got["cache_bytes"] <= limit,
+                                 budget_bytes=limit,
+                                 within_budget=None if limit is None else got["cache_bytes"] <= limit,
                                  speedup=full["ms_per_token"] / got["ms_per_token"],
                                  memory_ratio=got["cache_bytes"] / full["cache_bytes"]))
                 print(json.dumps(rows[-1]), flush=True)

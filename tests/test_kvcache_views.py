@@ -55,8 +55,8 @@ def test_decoding_over_kept_latents_equals_masked_reference(arch, policy, params
         got = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
                     cache=cache, use_cache=True).logits[:, -1]
     longattn.unpatch(model)
-    ref = masked_reference_logits(model, torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
-                                  kept)
+    mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    ref = masked_reference_logits(model, torch.cat([ids, nxt], 1), mask2, kept)
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
 
 
@@ -154,11 +154,12 @@ def test_indexer_keys_are_evicted_with_their_entries_and_its_choice_is_honoured(
         for i, layer in enumerate(cache.layers):
             assert isinstance(layer, CompressedIndexedLayer)
             kept = cache.kept_positions(i)[:, 0]  # [B, M]
-            expected = plain.layers[i].indexer_keys.gather(1, kept.unsqueeze(-1).expand(-1, -1, layer.indexer_keys.shape[-1]))
+            at_kept = kept.unsqueeze(-1).expand(-1, -1, layer.indexer_keys.shape[-1])
+            expected = plain.layers[i].indexer_keys.gather(1, at_kept)
             assert torch.equal(layer.indexer_keys, expected)
             assert torch.equal(layer.keys, plain.layers[i].keys.gather(2, kept[:, None, :, None].expand_as(layer.keys)))
-        model(input_ids=torch.tensor([[7], [9]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
-              cache=cache, use_cache=True)
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        model(input_ids=torch.tensor([[7], [9]]), attention_mask=mask2, cache=cache, use_cache=True)
     longattn.unpatch(model)
     assert len(seen) == len(cache.layers)
     for valid, selected, allowed in seen:

@@ -120,7 +120,8 @@ class CompressedLayer(DynamicLayer):
         # A layer that reuses another layer's indexer top-k (GLM-5 / HY-V4 "shared" indexer layers) keeps exactly
         # the entries that layer kept, so that the indices keep naming the same tokens in both.
         self.leader: CompressedLayer | None = None
-        self.last_eviction: tuple | None = None  # (stream length, idx, slot_valid) of the latest eviction
+        self.last_eviction: tuple | None = None  # (stream length, entries before, idx, slot_valid), latest eviction
+        self.tiled = False  # the model attends over its KV heads tiled (JetMoE), checked on the first forward
         self.cumulative_length = 0
         self.token_index = self.valid = None
         self.entry_state: dict[str, torch.Tensor] = {}
@@ -209,7 +210,11 @@ class CompressedLayer(DynamicLayer):
                 self.keys.shape[2]:
             self.view = key, value
             return
-        if tiles(key, self.keys) and tiles(value, self.values):  # JetMoE: KV heads repeated once per expert
+        # JetMoE: KV heads repeated once per expert. Its code tiles on every forward, so the contents are compared
+        # once; later forwards only need the shapes to agree.
+        if (self.tiled and tiles(key, self.keys, compare=False) and tiles(value, self.values, compare=False)) or \
+                (tiles(key, self.keys) and tiles(value, self.values)):
+            self.tiled = True
             self.view = key, value
             return
         from ..patching import UnsupportedModelError
@@ -231,9 +236,8 @@ class CompressedLayer(DynamicLayer):
                         learned_sinks: torch.Tensor | None = None) -> None:
         """Score the entries with this forward's queries and evict down to the policy's target."""
         self.awaiting = False
-        if not hasattr(_pending, "shared"):
-            _pending.shared = {}
-        _pending.shared[self.layer_idx] = self.entries()  # before eviction: what this forward attended over
+        # Before eviction: what this forward attended over, for layers that reuse this one's keys and values.
+        _pending.__dict__.setdefault("shared", {})[self.layer_idx] = self.entries()
         first = self.prompt_length is None
         if first:
             self.prompt_length = self.cumulative_length
@@ -241,7 +245,7 @@ class CompressedLayer(DynamicLayer):
             self.view = None
             last = self.leader.last_eviction
             if last is not None and last[0] == self.cumulative_length:  # the leader evicted in this forward
-                length, held, idx, slot_valid = last
+                _, held, idx, slot_valid = last
                 if held != self.keys.shape[-2]:
                     raise RuntimeError(f"longattn KV cache: layer {self.layer_idx} shares layer "
                                        f"{self.leader.layer_idx}'s indexer but holds other entries")
@@ -253,9 +257,10 @@ class CompressedLayer(DynamicLayer):
             return
         keys, values = self.attended_entries()
         r = keys.shape[1] // self.keys.shape[1]  # view heads per cached head (MLA: all; JetMoE: tiled)
-        inp = ScoreInput(keys, values, self.token_index.repeat(1, r, 1), self.valid.repeat(1, r, 1), query,
-                         self.n_new, scale, softcap, self.layer_idx, self.n_layers, first, self.entry_state, self.state,
-                         learned_sinks)
+        token_index, valid = (self.token_index, self.valid) if r == 1 else \
+            (self.token_index.repeat(1, r, 1), self.valid.repeat(1, r, 1))
+        inp = ScoreInput(keys, values, token_index, valid, query, self.n_new, scale, softcap, self.layer_idx,
+                         self.n_layers, first, self.entry_state, self.state, learned_sinks)
         pooled = self.view is not None or self.heads_share_entries
         self.view = None
         if keep is None:  # nothing to evict: a stateful policy only updates its memory
@@ -304,12 +309,14 @@ class CompressedLayer(DynamicLayer):
         """Keep entries `idx` of whatever else a layer holds per entry (an indexer's keys)."""
 
 
-def tiles(view: torch.Tensor, entries: torch.Tensor) -> bool:
-    """Whether `view` [B, r*H, N, D] is `entries` [B, H, N, D] repeated r times along the heads."""
+def tiles(view: torch.Tensor, entries: torch.Tensor, compare: bool = True) -> bool:
+    """Whether `view` [B, r*H, N, D] is `entries` [B, H, N, D] repeated r times along the heads (with compare
+    False: whether its shape is that of such a view)."""
     b, h, n, d = entries.shape
     if view.dim() != 4 or view.shape[0] != b or view.shape[2:] != (n, d) or view.shape[1] % h or view.shape[1] == h:
         return False
-    return torch.equal(view.view(b, -1, h, n, d), entries.unsqueeze(1).expand(b, view.shape[1] // h, h, n, d))
+    tiled = entries.unsqueeze(1).expand(b, view.shape[1] // h, h, n, d)
+    return not compare or torch.equal(view.view(b, -1, h, n, d), tiled)
 
 
 class CompressedIndexedLayer(CompressedLayer):

@@ -127,8 +127,13 @@ def rope_in_cache(model) -> tuple[str, bool]:
     if not latent_kv_cache(model):
         return "keys", False
     attn = attention_modules(model)
-    src = inspect.getsource(sys.modules[type(attn[0]).__module__]) if attn else ""
-    return "values", "view_as_complex" in src
+    return "values", bool(attn) and _source_mentions(type(attn[0]).__module__, "view_as_complex")
+
+
+@functools.lru_cache(maxsize=None)
+def _source_mentions(module_name: str, text: str) -> bool:
+    """Whether a modeling file's source contains `text` (read once per file: caches are built per generate)."""
+    return text in inspect.getsource(sys.modules[module_name])
 
 
 def rotary_inv_freq(model, layer_idx: int) -> torch.Tensor:
@@ -160,7 +165,12 @@ def hands_over_selection(module: nn.Module) -> bool:
     """Whether the module passes its indexer's top-k keys to the attention function as `indices` (DeepSeek Sparse
     Attention) instead of folding them into the mask tensor: longattn then sees the model's own selection apart
     from its mask and composes a method with it exactly, as it does with the model's sliding window."""
-    return "indices=" in inspect.getsource(type(module).forward)
+    return _forward_mentions(type(module), "indices=")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_mentions(cls: type, text: str) -> bool:
+    return text in inspect.getsource(cls.forward)
 
 
 def own_sparse_layers(model) -> dict[int, str]:

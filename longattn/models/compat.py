@@ -188,7 +188,8 @@ def check_kv_budget(model, ids, mask) -> str:
         return "FAIL: the compressed cache holds no attention layer"
     for i, layer in enumerate(compressed.layers):
         held = getattr(layer, "keys", None)
-        if not isinstance(layer, CompressedLayer) and held is not None and held.dim() == 4 and held.shape[-2] > KV_BUDGET:
+        uncompressed = not isinstance(layer, CompressedLayer) and held is not None and held.dim() == 4
+        if uncompressed and held.shape[-2] > KV_BUDGET:
             return f"FAIL: cache layer {i} ({type(layer).__name__}) holds {held.shape[-2]} entries uncompressed"
     if max(sizes) > KV_BUDGET:
         return f"FAIL: an attention layer holds {max(sizes)} entries > budget {KV_BUDGET}"
