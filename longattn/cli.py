@@ -19,11 +19,12 @@ DEMO_SWEEP = {
 }
 
 
-def _parse_params(pairs: list[str], flag: str = "--param") -> dict:
+def parse_params(pairs: list[str], flag: str = "--param") -> dict:
+    """NAME=VALUE items -> dict, values read as JSON where they parse as JSON (else kept as strings)."""
     params = {}
     for item in pairs or []:
         if "=" not in item:
-            raise SystemExit(f"{flag} expects NAME=VALUE, got {item!r}")
+            raise ValueError(f"{flag} expects NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             params[k] = json.loads(v)
@@ -115,7 +116,7 @@ def _run_eval(args, cells) -> int:
 def _cmd_eval_perplexity(args) -> int:
     from .evals.runner import Cell
 
-    params = _parse_params(args.param)
+    params = parse_params(args.param)
     cells = [Cell("perplexity", args.patch, ctx, params, args.layers, text=args.text, tokens=args.tokens,
                   stride=args.stride) for ctx in _ints(args.context)]
     return _run_eval(args, cells)
@@ -124,7 +125,7 @@ def _cmd_eval_perplexity(args) -> int:
 def _cmd_eval_tasks(args) -> int:
     from .evals.runner import Cell
 
-    params, task_params = _parse_params(args.param), _parse_params(args.task_param, "--task-param")
+    params, task_params = parse_params(args.param), parse_params(args.task_param, "--task-param")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     cells = [Cell("task", args.patch, length, params, args.layers, task, task_params, args.samples, args.seed,
@@ -148,17 +149,59 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _sweep_shard(args):
+    """The shard this process runs: --shard, else the launcher's rank (torchrun / accelerate launch), else None.
+    Under a launcher each rank takes its own GPU (LOCAL_RANK) or its share of the CPU cores."""
+    import os
+
+    import torch
+
+    from .evals.shards import parse_shard, shard_from_launcher
+
+    if args.shard is not None:
+        return parse_shard(args.shard)
+    launched = shard_from_launcher()
+    if launched is None:
+        return None
+    shard, local_rank = launched
+    if args.device == "auto" and torch.cuda.is_available():
+        args.device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    elif not args.threads:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", shard.count))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return shard
+
+
 def _cmd_sweep(args) -> int:
     from .evals.report import markdown_table, write_report
+    from .evals.shards import merge_results
     from .evals.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.file)
     if args.model is not None:
         sweep.model = args.model
-    _model_setup(args)
+    if args.ray is not None and (args.shard is not None or args.merge):
+        raise ValueError("--ray runs every cell through Ray: it takes neither --shard nor --merge")
     out = args.out or Path("evals/results") / sweep.name / "results.jsonl"
-    records = run_sweep(sweep, out, dry_run=args.dry_run, dtype=args.dtype, device=args.device)
-    if not args.dry_run:
+    if args.merge:
+        records = merge_results(out)
+        print(f"merged into {out}: {sum(r.get('record', 'cell') == 'cell' for r in records)} cells")
+    else:
+        _model_setup(args)
+        shard = _sweep_shard(args)
+        if args.ray is not None:
+            from .evals.ray_backend import run_cells_ray
+
+            records = run_cells_ray(sweep.cells, out, sweep.model, args.dtype or sweep.dtype, args.device,
+                                    sweep.batch_size, sweep.name, address=args.ray or None)
+        else:
+            records = run_sweep(sweep, out, dry_run=args.dry_run, dtype=args.dtype, device=args.device,
+                                shard=shard)
+        if args.dry_run:
+            return 0
+    keys = {c.key() for c in sweep.cells}
+    finished = {r["cell"] for r in records if r.get("record", "cell") == "cell"}
+    if keys <= finished:  # a shard whose peers are still running leaves the report to the last one
         print(markdown_table([r for r in records if r.get("sweep") == sweep.name]))
         for p in write_report(records, args.report_dir or out.parent, title=sweep.name):
             print(f"wrote {p}")
@@ -275,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results JSONL (default evals/results/NAME/results.jsonl)")
     p.add_argument("--report-dir", type=Path, default=None)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--shard", default=None, metavar="i/N", help="run shard i of N (every N-th cell) into its own "
+                   "file; the last shard to finish merges them (default under torchrun / accelerate launch: the "
+                   "process's rank)")
+    p.add_argument("--merge", action="store_true", help="merge the shards' files into the results file and stop")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the cells as Ray tasks, one device each (a cluster address, or none for a local Ray)")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="Markdown table and plots from a results JSONL")
@@ -282,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--title", default=None)
     p.set_defaults(func=_cmd_report)
+
+    sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the 'longattn' model type: "
+                   "longattn lm-eval --model longattn --model_args pretrained=NAME,patch=METHOD,patch_params=a=1;b=2 "
+                   "--tasks ... (every other argument is lm_eval's)")
 
     p = sub.add_parser("demo", help="the main job: perplexity with and without sinks, retrieval inside and beyond "
                                     "a window, on SmolLM2 (2 minutes on 2 cores)")
@@ -294,7 +347,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _lm_eval(argv: list[str]) -> int:
+    """lm-eval's own command line, with the "longattn" model type registered (lm-eval has no plugin discovery)."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ModuleNotFoundError:
+        print("longattn: error: lm-eval is not installed: pip install 'longattn[lmeval]' (or pip install "
+              "lm-eval)", file=sys.stderr)
+        return 2
+    from .evals import lmeval  # noqa: F401  (registers the model type)
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, so argparse does not see it
+        return _lm_eval(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     if not getattr(args, "func", None):

@@ -203,3 +203,143 @@ def test_text_file_is_read_as_it_is(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         check_text_spec(str(tmp_path / "absent.txt"))
     check_text_spec("licenses")
+
+
+def _cells_by_key(records):
+    cells = [r for r in records if r.get("record", "cell") == "cell"]
+    assert len(cells) == len({r["cell"] for r in cells}), "a cell was recorded twice"
+    return {r["cell"]: r for r in cells}
+
+
+def _same_scores(a, b):
+    """Two runs of the same cells measured the same things (times and dates aside)."""
+    a, b = _cells_by_key(a), _cells_by_key(b)
+    assert set(a) == set(b)
+    for key in a:
+        for field in ("score", "n", "perplexity", "predictions", "density_prefill", "density_decode",
+                      "kv_cache_bytes"):
+            assert a[key].get(field) == b[key].get(field), (field, key)
+
+
+def test_shards_cover_every_cell_once_and_merge(sweep_setup, tmp_path):
+    from longattn.evals.shards import Shard, shard_files
+
+    path, model, tok = sweep_setup
+    sweep = load_sweep(path)
+    single = run_sweep(sweep, tmp_path / "one.jsonl", model_and_tokenizer=(model, tok), progress=False)
+    out = tmp_path / "sharded" / "results.jsonl"
+    owned = [set(c.key() for c in Shard(i, 3).owns(sweep.cells)) for i in range(3)]
+    assert sum(map(len, owned)) == len(sweep.cells) and set.union(*owned) == {c.key() for c in sweep.cells}
+    first = run_sweep(sweep, out, model_and_tokenizer=(model, tok), progress=False, shard=Shard(2, 3))
+    assert not out.exists() and [p.name for p in shard_files(out)] == ["results.shard-2-of-3.jsonl"]
+    assert set(_cells_by_key(first)) == owned[2]
+    run_sweep(sweep, out, model_and_tokenizer=(model, tok), progress=False, shard=Shard(0, 3))
+    merged = run_sweep(sweep, out, model_and_tokenizer=(model, tok), progress=False, shard=Shard(1, 3))
+    assert shard_files(out) == [] and read_results(out) == merged  # the last shard merged and tidied up
+    _same_scores(merged, single)
+    prompts = [(r["cell"], r["index"]) for r in merged if r["record"] == "sample"]
+    assert len(prompts) == 12 * 2 == len(set(prompts))
+
+
+def test_killed_shard_resumes_and_the_last_one_merges(sweep_setup, tmp_path):
+    path, _, _ = sweep_setup
+    out = tmp_path / "results.jsonl"
+    cmd = [sys.executable, "-m", "longattn.cli", "sweep", str(path), "--out", str(out), "--threads", "1"]
+    mine = tmp_path / "results.shard-0-of-2.jsonl"
+    proc = subprocess.Popen(cmd + ["--shard", "0/2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not mine.exists() or len(mine.read_text().splitlines()) < 2):
+        assert proc.poll() is None, "the shard ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = read_results(mine)
+    other = subprocess.run(cmd + ["--shard", "1/2"], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "still to run in other shards" in other.stdout and not out.exists()
+    again = subprocess.run(cmd + ["--shard", "0/2"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "wrote" in again.stdout  # the last shard writes the report
+    merged = read_results(out)
+    assert merged[:len(killed)] == killed  # shard 0's finished prompts kept, in order, not redone
+    assert set(_cells_by_key(merged)) == {c.key() for c in load_sweep(path).cells}
+    prompts = [(r["cell"], r["index"]) for r in merged if r["record"] == "sample"]
+    assert len(prompts) == 12 * 2 == len(set(prompts))
+    assert not mine.exists() and (tmp_path / "report.md").exists()
+
+
+def test_shard_arguments_and_launchers(monkeypatch):
+    import argparse
+
+    from longattn.cli import _sweep_shard
+    from longattn.evals.shards import Shard, parse_shard
+
+    assert parse_shard("1/4") == Shard(1, 4) and str(Shard(1, 4)) == "1/4"
+    for bad in ("4/4", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="expects i/N|0 <= i < N"):
+            parse_shard(bad)
+    args = argparse.Namespace(shard=None, device="cpu", threads=1)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _sweep_shard(args) is None
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun / accelerate launch set them
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _sweep_shard(args) == Shard(2, 3)
+    args.shard = "0/2"  # an explicit --shard wins
+    assert _sweep_shard(args) == Shard(0, 2)
+
+
+def test_ray_backend_survives_a_killed_worker(sweep_setup, tmp_path):
+    """Cells as Ray tasks on a local instance: a worker SIGKILLed mid-cell is retried, every cell is recorded
+    once, and the scores equal one process's."""
+    ray = pytest.importorskip("ray")
+    import threading
+
+    import psutil
+
+    from longattn.evals.ray_backend import run_cells_ray
+
+    path, model, tok = sweep_setup
+    sweep = load_sweep(path)
+    cells = [c for c in sweep.cells if c.length == 256 or c.kind == "perplexity"]
+    single = run_sweep(sweep, tmp_path / "one.jsonl", model_and_tokenizer=(model, tok), progress=False)
+    out = tmp_path / "ray" / "results.jsonl"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result, killed = {}, []
+        runner = threading.Thread(target=lambda: result.update(records=run_cells_ray(
+            cells, out, sweep.model, batch_size=sweep.batch_size, sweep_name=sweep.name, progress=False)))
+        runner.start()
+        deadline = time.time() + 240
+        while runner.is_alive() and not killed and time.time() < deadline:
+            for p in psutil.process_iter(["cmdline"]):
+                if any("_cell_task" in part for part in (p.info["cmdline"] or [])):
+                    time.sleep(0.3)  # into the cell
+                    p.kill()
+                    killed.append(p.pid)
+                    break
+            time.sleep(0.05)
+        runner.join(timeout=600)
+        assert killed, "no Ray worker was seen running a cell"
+    finally:
+        ray.shutdown()
+    records = result["records"]
+    assert read_results(out) == records
+    keys = {c.key() for c in cells}
+    assert set(_cells_by_key(records)) == keys
+    _same_scores(records, [r for r in single if r.get("cell") in keys])
+    prompts = [(r["cell"], r["index"]) for r in records if r["record"] == "sample"]
+    assert len(prompts) == len(set(prompts)) == 2 * sum(c.kind == "task" for c in cells)
+
+
+def test_torchrun_ranks_are_shards(sweep_setup, tmp_path):
+    """Launched by torchrun, each rank runs its shard (no --shard given) and the results merge into one file."""
+    path, model, tok = sweep_setup
+    out = tmp_path / "results.jsonl"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "longattn.cli",
+                          "sweep", str(path), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sweep = load_sweep(path)
+    single = run_sweep(sweep, tmp_path / "one.jsonl", model_and_tokenizer=(model, tok), progress=False)
+    _same_scores(read_results(out), single)
+    assert not list(tmp_path.glob("results.shard-*"))

@@ -40,6 +40,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .runner import Cell, Resources, run_cell
+from .shards import Shard, merge_results, shard_files, unique_records
 
 try:
     import tomllib
@@ -177,23 +178,20 @@ def _repair_tail(path: Path) -> None:
 
 
 def run_sweep(sweep: Sweep, out: Path, dry_run: bool = False, model_and_tokenizer=None, progress: bool = True,
-              dtype=None, device="auto") -> list[dict]:
-    """Run every cell not yet in `out`; returns all records (old and new). `dtype` overrides the sweep's;
-    `model_and_tokenizer` (model, tokenizer) is used instead of loading the sweep's model."""
+              dtype=None, device="auto", shard: Shard | None = None) -> list[dict]:
+    """Run every cell not yet in `out` (or, with `shard`, that shard's cells); returns all records (old and new).
+    `dtype` overrides the sweep's; `model_and_tokenizer` (model, tokenizer) is used instead of loading the sweep's
+    model."""
     return run_cells(sweep.cells, out, sweep.model, dtype or sweep.dtype, device, sweep.batch_size, sweep.name,
-                     dry_run, model_and_tokenizer, progress)
+                     dry_run, model_and_tokenizer, progress, shard=shard)
 
 
-def run_cells(cells: list[Cell], out, model: str, dtype="float32", device="auto", batch_size: int = 8,
-              sweep_name: str | None = None, dry_run: bool = False, model_and_tokenizer=None,
-              progress: bool = True, echo=None) -> list[dict]:
-    """Run the cells not yet finished in `out` (None: keep nothing), appending every finished prompt and cell as
-    one fsynced JSON line; a cell interrupted mid-way resumes from its recorded prompts. Returns all records.
-    `echo(record)` is called with each finished cell record."""
-    from ..pretrained import load_model, model_label, resolve_dtype
+def recorded_work(cells: list[Cell], out: Path | None, model: str, dtype):
+    """(records, finished cell keys, {cell key: {index: sample}} of unfinished cells) of `out` and its shard
+    files, after checking that they hold this model in this dtype."""
+    from ..pretrained import model_label, resolve_dtype
 
-    out = Path(out) if out is not None else None
-    existing = read_results(out) if out is not None else []
+    existing = unique_records([r for p in [out, *shard_files(out)] for r in read_results(p)]) if out else []
     name, torch_dtype = model_label(model), str(resolve_dtype(dtype))
     for r in existing:  # one results file holds one model in one dtype: resuming across them would mix results
         other = (model_label(r.get("model", name)), r.get("dtype", "torch.float32"))
@@ -201,46 +199,85 @@ def run_cells(cells: list[Cell], out, model: str, dtype="float32", device="auto"
             raise ValueError(f"{out} holds results of model {other[0]} in {other[1]}; this run is {name} in "
                              f"{torch_dtype}: choose another results file")
     done = {r["cell"] for r in existing if r.get("record", "cell") == "cell" and "cell" in r}
-    todo = [c for c in cells if c.key() not in done]
-    if dry_run:
-        for c in cells:
-            state = "done" if c.key() in done else "todo"
-            what = f"{c.task}" if c.kind == "task" else f"perplexity[{c.text}]"
-            print(f"[{state}] {c.method} {c.params or ''} {what} @ {c.length}")
-        print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run")
-        return existing
-    if echo is not None and len(todo) < len(cells):
-        print(f"{len(cells) - len(todo)} of {len(cells)} cells already finished in {out}")
-    if not todo:
-        return existing
     partial: dict[str, dict[int, dict]] = {}
     for r in existing:
         if r.get("record") == "sample" and r["cell"] not in done:
             partial.setdefault(r["cell"], {})[r["index"]] = r
+    return existing, done, partial
+
+
+def append_records(path: Path | None, records: list[dict]) -> None:
+    """Append records as JSON lines, flushed and fsynced (what a kill cannot take back)."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finish(cells: list[Cell], out: Path | None, model: str, dtype, new: list[dict]) -> list[dict]:
+    """All records after a run: shard files are merged into `out` once every cell of the sweep is recorded."""
+    if out is None:
+        return new
+    records, done, _ = recorded_work(cells, out, model, dtype)
+    if not shard_files(out):
+        return read_results(out)
+    missing = sum(c.key() not in done for c in cells)
+    if missing:
+        print(f"{missing} of {len(cells)} cells are still to run in other shards; the last shard to finish merges "
+              f"them into {out} (or: longattn sweep FILE --merge)")
+        return records
+    return merge_results(out, remove_shard_files=True)
+
+
+def run_cells(cells: list[Cell], out, model: str, dtype="float32", device="auto", batch_size: int = 8,
+              sweep_name: str | None = None, dry_run: bool = False, model_and_tokenizer=None,
+              progress: bool = True, echo=None, shard: Shard | None = None) -> list[dict]:
+    """Run the cells not yet finished in `out` (None: keep nothing), appending every finished prompt and cell as
+    one fsynced JSON line; a cell interrupted mid-way resumes from its recorded prompts. With `shard`, only its
+    cells run, into its own file beside `out`. Returns all records. `echo(record)` is called with each finished
+    cell record."""
+    from ..pretrained import load_model, model_label
+
+    out = Path(out) if out is not None else None
+    existing, done, partial = recorded_work(cells, out, model, dtype)
+    mine = shard.owns(cells) if shard is not None else cells
+    todo = [c for c in mine if c.key() not in done]
+    if dry_run:
+        for c in mine:
+            state = "done" if c.key() in done else "todo"
+            what = f"{c.task}" if c.kind == "task" else f"perplexity[{c.text}]"
+            print(f"[{state}] {c.method} {c.params or ''} {what} @ {c.length}")
+        of = f" of shard {shard}" if shard is not None else ""
+        print(f"{len(mine)} cells{of}, {len(mine) - len(todo)} done, {len(todo)} to run")
+        return existing
+    if echo is not None and len(todo) < len(mine):
+        print(f"{len(mine) - len(todo)} of {len(mine)} cells already finished in {out}")
+    if not todo:
+        return finish(cells, out, model, dtype, [])
     mdl, tok = model_and_tokenizer or load_model(model, dtype=dtype, device=device)
     resources = Resources(tok)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _repair_tail(out)
+    target = shard.results_file(out) if shard is not None and out is not None else out
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _repair_tail(target)
     new = []
 
     def append(records):
-        if out is None:
-            return
-        with open(out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
+        append_records(target, records)
 
-    bar = tqdm(todo, desc=f"sweep {sweep_name}" if sweep_name else "cells", disable=not progress, unit="cell")
+    desc = f"sweep {sweep_name}" if sweep_name else "cells"
+    bar = tqdm(todo, desc=desc + (f" [shard {shard}]" if shard is not None else ""), disable=not progress,
+               unit="cell")
     for cell in bar:
         bar.set_postfix_str(f"{cell.method} {cell.task or 'ppl'} @ {cell.length}")
-        record = run_cell(mdl, tok, cell, name, resources, batch_size, done_samples=partial.get(cell.key()),
-                          on_samples=append, progress=progress)
+        record = run_cell(mdl, tok, cell, model_label(model), resources, batch_size,
+                          done_samples=partial.get(cell.key()), on_samples=append, progress=progress)
         if sweep_name:
             record["sweep"] = sweep_name
         append([record])
         new.append(record)
         if echo is not None:
             echo(record)
-    return read_results(out) if out is not None else new
+    return finish(cells, out, model, dtype, new)

@@ -560,6 +560,14 @@ def default_pattern(method, layer: "CompressedLayer | Entries"):
     return method.position_pattern(layer.first_token())
 
 
+def _uses_cache(model, kwargs) -> bool:
+    """Whether a forward called without a cache builds one: use_cache as given, else the config's default."""
+    use = kwargs.get("use_cache")
+    if use is None:
+        use = getattr(model.config.get_text_config(decoder=True), "use_cache", False)
+    return bool(use)
+
+
 def install_cache_hook(model, policy: KVPolicy):
     """A forward pre-hook on the model's decoder that swaps the empty cache generate() made (or none, with
     use_cache=True) for a CompressedCache, and tells a compressed cache which new tokens are pads. Returns the
@@ -571,7 +579,7 @@ def install_cache_hook(model, policy: KVPolicy):
         cache = kwargs.get(name)
         if is_fresh_cache(cache):
             cache = kwargs[name] = CompressedCache(policy, model, base=cache)
-        elif cache is None and kwargs.get("use_cache") is True:
+        elif cache is None and _uses_cache(model, kwargs):  # the model would build its own cache otherwise
             cache = kwargs[name] = CompressedCache(policy, model)
         clear_pending()
         if isinstance(cache, CompressedCache):
