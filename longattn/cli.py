@@ -208,6 +208,53 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    """Head profiles (JSON + layer x head heatmaps) and attention maps of the most sink-like, local and retrieving
+    heads on one needle prompt."""
+    import torch
+
+    from .evals.tasks import make_task
+    from .evals.tasks.base import Filler, PromptFormat
+    from .heads import attention_map, plot_attention_map, plot_profile, profile_heads
+    from .pretrained import load_model
+
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        make_task(t)
+    if args.maps < 0 or args.map_block < 1:
+        raise ValueError("--maps must be >= 0 and --map-block >= 1")
+    _model_setup(args)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    prof = profile_heads(model, tok, length=args.length, samples=args.samples, sink_tokens=args.sink_tokens,
+                         window=args.window, tasks=tasks, seed=args.seed, chat=args.chat)
+    out = args.out_dir
+    print(f"wrote {prof.save(out / 'profile.json')}")
+    for p in plot_profile(prof, out) + plot_profile(prof, out, kv=True):
+        print(f"wrote {p}")
+    for name in ("sink", "non_first_sink", "local", "retrieval"):
+        flat = sorted(((v, layer, h) for layer, row in zip(prof.layers, prof.scores[name]) for h, v in enumerate(row)),
+                      reverse=True)[:5]
+        print(f"top {name}: " + ", ".join(f"L{layer}.H{h}={v:.2f}" for v, layer, h in flat))
+    if args.maps:
+        s = make_task(tasks[0]).make(tok, args.map_length or args.length, seed=args.seed, filler=Filler(), depth=0.5,
+                                     prompt=PromptFormat(args.chat))
+        ids = torch.tensor([s.input_ids], device=next(model.parameters()).device)
+        needle = s.meta["needle_spans"][0][0]
+        picked = []
+        for name in ("sink", "retrieval", "local", "non_first_sink"):
+            best = max(((v, layer, h) for layer, row in zip(prof.layers, prof.scores[name]) for h, v in enumerate(row)
+                        if (layer, h) not in [p[1:] for p in picked]), default=None)
+            if best is not None and len(picked) < args.maps:
+                picked.append((name, best[1], best[2]))
+        for name, layer, head in picked:
+            amap = attention_map(model, ids, layer, head, block=args.map_block)
+            path = plot_attention_map(amap, out / f"map_L{layer}_H{head}.png",
+                                      f"{prof.model}: layer {layer} head {head} (top {name} head), {tasks[0]} prompt",
+                                      args.map_block, {"needle": needle, f"first {args.sink_tokens} tokens": 0})
+            print(f"wrote {path}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .evals.report import markdown_table, write_report
     from .evals.sweep import read_results
@@ -331,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--title", default=None)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("inspect", help="what every head does: sink, local, entropy and retrieval scores per layer and "
+                                       "head (JSON + heatmaps) and attention maps")
+    model_args(p)
+    p.add_argument("--length", type=int, default=2048, help="tokens per profiling prompt")
+    p.add_argument("--samples", type=int, default=4, help="prompts per task (needle depths spread over the context)")
+    p.add_argument("--tasks", default="passkey,niah_single", help="needle tasks whose answers score retrieval")
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--window", type=int, default=256, help="what counts as local")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="prompts in the tokenizer's chat template")
+    p.add_argument("--maps", type=int, default=3, help="attention maps of the top sink / retrieval / local heads")
+    p.add_argument("--map-length", type=int, default=None, help="tokens of the map's prompt (default --length)")
+    p.add_argument("--map-block", type=int, default=32, help="tokens per map cell")
+    p.add_argument("--out-dir", type=Path, default=Path("longattn-heads"))
+    p.set_defaults(func=_cmd_inspect)
 
     sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the 'longattn' model type: "
                    "longattn lm-eval --model longattn --model_args pretrained=NAME,patch=METHOD,patch_params=a=1;b=2 "
