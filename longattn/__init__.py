@@ -8,6 +8,7 @@
     longattn.patch(model, "snapkv", kv_budget=512)     # a KV-cache policy: generate() keeps <= 512 per head
 """
 from .gqa import convert_to_gqa, kv_cache_bytes_per_token
+from .heads import HeadProfile, attention_map, profile_heads
 from .kernels import AttentionMask, dense_attention
 from .kvcache import POLICIES, CompressedCache, KVPolicy, make_policy
 from .methods import METHODS, AttentionMethod, Dense, MethodInfo, method_infos
@@ -33,4 +34,5 @@ __all__ = [
     "selective_parameter_count",
     "convert_to_gqa", "dense_attention", "kv_cache_bytes_per_token", "load_recipe", "methods", "patch", "patch_state", "patched", "recipe_names",
     "KNOWN_MODELS", "load_model", "reference_model", "reference_model_path", "unpatch",
+    "HeadProfile", "attention_map", "profile_heads",
 ]

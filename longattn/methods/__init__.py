@@ -11,6 +11,7 @@ from .block_topk import BlockTopK
 from .dense import Dense
 from .dgqa import DynamicGQA
 from .dilated import Dilated
+from .head_hybrid import HeadHybrid
 from .kdgqa import KeyDistributedGQA
 from .logn import LogNScaling
 from .longlora import ShiftedSparse
@@ -25,7 +26,7 @@ from .yarn_temperature import YarnTemperature
 
 # name -> spec class; a new method adds one line here.
 METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
-    BlockTopK, Dense, Dilated, LogNScaling, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow,
+    BlockTopK, Dense, Dilated, HeadHybrid, LogNScaling, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow,
     VerticalSlash, YarnTemperature,
     AttentionCalibration, DynamicGQA, KeyDistributedGQA, PerturbedGQA, SelectiveAttention)}
 
@@ -44,7 +45,7 @@ def method_infos() -> list[MethodInfo]:
     infos = []
     for name, cls in sorted(METHODS.items()):
         params = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-                  for f in dataclasses.fields(cls)}
+                  for f in dataclasses.fields(cls) if f.init}
         infos.append(MethodInfo(name, cls.summary, cls.paper, params))
     return infos
 
@@ -66,5 +67,5 @@ def build_spec(registry: dict, kind: str, name: str, params: dict):
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "SelectiveAttention", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
+__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "SelectiveAttention", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "HeadHybrid", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
            "make_method", "method_infos"]

@@ -68,7 +68,7 @@ class AttentionMethod:
                          f"sink_window or dilated")
 
     def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
 def window_for_density(method: AttentionMethod, default_window: int, sink_tokens: int = 0, dilation: int = 1) -> None:

@@ -1,0 +1,141 @@
+"""head_hybrid: full KV heads dense, the others sinks + window, against an explicit per-layer, per-head mask."""
+import pytest
+import torch
+
+import longattn
+from longattn.kernels.dense import dense_attention
+from longattn.kernels.masks import AttentionMask
+from longattn.methods import HeadHybrid
+from longattn.methods.base import AttendCall
+from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
+
+SINKS, WINDOW = 2, 5
+
+
+def allowed_per_head(full_kv, n_q, n_kv, pad, q_len=None):
+    """[B, Hq, Q, K]: full KV heads' query heads see every causal real key; the others the first SINKS real
+    keys of their row and the WINDOW most recent."""
+    b, s = pad.shape
+    q_len = q_len or s
+    out = torch.zeros(b, n_q, q_len, s, dtype=torch.bool)
+    g = n_q // n_kv
+    for bi in range(b):
+        first = int(pad[bi].nonzero()[0])
+        for qh in range(n_q):
+            for qi in range(q_len):
+                qa = s - q_len + qi
+                for k in range(qa + 1):
+                    if not pad[bi, k]:
+                        continue
+                    full = (qh // g) in full_kv
+                    out[bi, qh, qi, k] = full or k < first + SINKS or qa - k < WINDOW
+    return out
+
+
+@pytest.mark.parametrize("full_kv", [[1], [0, 2], [], [0, 1, 2]])
+def test_kernel_level_equals_explicit_per_head_mask(full_kv):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 23, 16, generator=g) * 2
+    k, v = (torch.randn(2, 3, 23, 16, generator=g) * 2 for _ in range(2))
+    pad = torch.ones(2, 23, dtype=torch.bool)
+    pad[1, :4] = False
+    method = HeadHybrid(full_heads={0: full_kv}, sink_tokens=SINKS, window=WINDOW)
+    call = AttendCall(scale=0.25, layer_idx=0)
+    got = method.attend(q, k, v, AttentionMask.causal(23, batch_size=2, padding=pad), call)
+    allowed = allowed_per_head(full_kv, 6, 3, pad)
+    ref = dense_attention(q, k, v, AttentionMask.from_tensor(allowed), scale=0.25, backend="math")
+    rows = allowed.any(-1, keepdim=True)
+    torch.testing.assert_close(got * rows, ref * rows, atol=1e-5, rtol=0)
+    causal = AttentionMask.causal(23)
+    # pairs per sequence (unpadded count), averaged over the KV heads
+    want = (len(full_kv) * causal.pair_count() + (3 - len(full_kv)) * causal.pair_count(WINDOW, sink_tokens=SINKS)) / 3
+    method.attend(q[:1], k[:1], v[:1], causal, call)
+    assert call.attended_pairs == round(want)
+
+
+FULL = {0: [1], 2: [0]}  # layer 1 has no full head
+
+
+def _reference_logits(model, ids, mask):
+    """The unpatched model's eager attention with each layer's explicit per-head mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    from longattn.models import eager_function
+
+    def attention(module, query, key, value, attention_mask, **kw):
+        n_q, n_kv = query.shape[1], module.config.num_key_value_heads
+        pad = mask.bool()
+        allowed = allowed_per_head(FULL.get(module.layer_idx, []), n_q, n_kv, pad, q_len=query.shape[2])
+        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
+        return eager_function(module)(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("hybrid_reference", attention)
+    AttentionMaskInterface.register("hybrid_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    original = model.config._attn_implementation
+    model.set_attn_implementation("hybrid_reference")
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        model.set_attn_implementation(original)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_model_logits_equal_per_layer_per_head_reference(arch):
+    model = make_model(arch)
+    ids, mask = left_padded_batch()
+    ref = _reference_logits(model, ids, mask)
+    longattn.patch(model, "head_hybrid", full_heads=FULL, sink_tokens=SINKS, window=WINDOW)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+    longattn.unpatch(model)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+    assert (dense[real] - got[real]).abs().max() > 1e-3  # the streaming heads really dropped context
+
+
+def test_decode_equals_prefill_and_generate():
+    model = make_model("llama")
+    ids, _ = left_padded_batch()
+    longattn.patch(model, "head_hybrid", full_heads=[[0, 1], [2, 0]], sink_tokens=SINKS, window=WINDOW)
+    assert_decode_matches_prefill(model, ids[:1])
+    assert_decode_matches_prefill(model, ids[:1], prefix=9)
+    out = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 4
+    meter = longattn.patch_state(model).meter
+    assert 0 < meter.density("prefill") < 1 and 0 < meter.density("decode") < 1
+
+
+def test_heads_from_a_profile_file(tmp_path):
+    from longattn.heads import HeadProfile
+
+    prof = HeadProfile("m", [0, 1, 2], 4, 2, {"retrieval": [[0.1, 0.9, 0.0, 0.0], [0.0, 0.0, 0.2, 0.3],
+                                                              [0.5, 0.0, 0.0, 0.0]]}, {})
+    path = prof.save(tmp_path / "p.json")
+    m = HeadHybrid(profile=str(path), share=0.5)  # 3 of 6 KV heads: scores (max of 2 query heads) .9 .5 .3
+    assert m.full == {0: [0], 1: [1], 2: [0]}
+    assert "full" not in m.params()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({}, "'full_heads' must be given"),
+    ({"full_heads": {0: [1]}, "profile": "p.json"}, "'full_heads' must be given"),
+    ({"full_heads": {0: 1}}, r"full_heads\[0\] must be a list"),
+    ({"full_heads": [[0]]}, r"items must be \[layer, kv_head\]"),
+    ({"full_heads": {0: [-1]}}, ">= 0"),
+    ({"full_heads": {0: [1]}, "share": 0}, "'share' must be in"),
+    ({"profile": "/nonexistent.json"}, "head profile not found"),
+])
+def test_bad_parameters(params, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        HeadHybrid(**params)
+
+
+def test_head_out_of_range_is_an_error():
+    model = make_model("llama")
+    longattn.patch(model, "head_hybrid", full_heads={0: [5]})
+    with pytest.raises(ValueError, match="layer 0 has 2 KV heads; full_heads names \\[5\\]"):
+        model(input_ids=torch.tensor([[3, 4, 5]]))
