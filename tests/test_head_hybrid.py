@@ -7,7 +7,7 @@ from longattn.kernels.dense import dense_attention
 from longattn.kernels.masks import AttentionMask
 from longattn.methods import HeadHybrid
 from longattn.methods.base import AttendCall
-from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
+from conftest import left_padded_batch, make_model
 
 SINKS, WINDOW = 2, 5
 
@@ -97,14 +97,55 @@ def test_model_logits_equal_per_layer_per_head_reference(arch):
     assert (dense[real] - got[real]).abs().max() > 1e-3  # the streaming heads really dropped context
 
 
-def test_decode_equals_prefill_and_generate():
+def _decode_steps(model, ids, prefix):
+    """Logits of a `prefix`-token prefill then one token at a time, each forward continuing the cache the
+    previous one returned (as generate() does); the cache at the end."""
+    cache, steps = None, []
+    with torch.no_grad():
+        for start, stop in [(0, prefix)] + [(t, t + 1) for t in range(prefix, ids.shape[1])]:
+            if stop > start:
+                out = model(input_ids=ids[:, start:stop], cache=cache, use_cache=True)
+                cache = out.past_key_values
+                steps.append(out.logits)
+    return torch.cat(steps, 1), cache
+
+
+@pytest.mark.parametrize("prefix", [1, 9, 20])
+def test_bounded_cache_decode_equals_prefill(prefix):
+    """Decoding through the per-head bounded cache gives the prefill's logits, and the cache holds exactly every
+    entry of the full heads and the sinks + window - 1 newest of the others."""
     model = make_model("llama")
     ids, _ = left_padded_batch()
+    ids = ids[:1]
+    full = {0: [1], 2: [0]}
+    longattn.patch(model, "head_hybrid", full_heads=full, sink_tokens=SINKS, window=WINDOW)
+    with torch.no_grad():
+        whole = model(input_ids=ids, use_cache=False).logits
+    steps, cache = _decode_steps(model, ids, prefix)
+    torch.testing.assert_close(steps, whole, atol=1e-5, rtol=0)
+    assert isinstance(cache, longattn.CompressedCache)
+    s = ids.shape[1]
+    streaming = list(range(SINKS)) + list(range(s - (WINDOW - 1), s))
+    for layer in range(3):
+        kept = cache.kept_positions(layer)[0]
+        for h in range(2):
+            got = sorted(p for p in kept[h].tolist() if p >= 0)
+            assert got == (list(range(s)) if h in full.get(layer, []) else streaming), (layer, h)
+    per_entry = 2 * 16 * 4  # key + value, head dim 16, fp32
+    n_full = sum(map(len, full.values()))
+    assert cache.nbytes() == per_entry * (n_full * s + (3 * 2 - n_full) * (SINKS + WINDOW - 1))
+    assert cache.nbytes_per_layer()[1] == per_entry * 2 * (SINKS + WINDOW - 1)  # layer 1: no full head
+
+
+def test_padded_generate_equals_each_row_alone():
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
     longattn.patch(model, "head_hybrid", full_heads=[[0, 1], [2, 0]], sink_tokens=SINKS, window=WINDOW)
-    assert_decode_matches_prefill(model, ids[:1])
-    assert_decode_matches_prefill(model, ids[:1], prefix=9)
-    out = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert out.shape[1] == ids.shape[1] + 4
+    together = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for row in range(2):
+        real = mask[row].bool()
+        alone = model.generate(ids[row:row + 1, real], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert together[row, -6:].tolist() == alone[0, -6:].tolist()
     meter = longattn.patch_state(model).meter
     assert 0 < meter.density("prefill") < 1 and 0 < meter.density("decode") < 1
 

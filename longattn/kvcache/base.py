@@ -102,6 +102,8 @@ class KVPolicy:
     summary: ClassVar[str] = ""
     # Whether `score` must see every forward (it accumulates, like H2O), not only those that evict.
     stateful: ClassVar[bool] = False
+    # A CompressedLayer subclass that holds this policy's entries in a layout of its own (head_hybrid), or None.
+    layer_class: ClassVar[type | None] = None
 
     kv_budget: int | None = None
     compression_ratio: float | None = None

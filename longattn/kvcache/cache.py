@@ -305,6 +305,14 @@ class CompressedLayer(DynamicLayer):
         self.compressed = True
         self.last_eviction = (self.cumulative_length, held, idx, slot_valid)
 
+    def positions(self) -> torch.Tensor:
+        """[B, Hkv, M] stream indices of the entries held (-1 for empty slots / pads)."""
+        return torch.where(self.valid, self.token_index, -1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The key/value tensors this layer holds (what it costs in memory)."""
+        return [self.keys, self.values]
+
     def evict_extra(self, idx: torch.Tensor) -> None:
         """Keep entries `idx` of whatever else a layer holds per entry (an indexer's keys)."""
 
@@ -416,6 +424,8 @@ class CompressedCache(DynamicCache):
             layers += [DynamicLayer() for _ in range(n_layers - len(layers))]
         for i in sorted(attention_layers):
             kind = _COMPRESSED.get(type(layers[i]))
+            if kind is CompressedLayer and policy.layer_class is not None:  # a policy with a layout of its own
+                kind = policy.layer_class
             if kind is None:
                 raise _unsupported(f"{type(model).__name__}: its cache layer {i} is a {type(layers[i]).__name__}; "
                                    f"longattn's KV policies replace only attention layers of these kinds: "
@@ -488,8 +498,7 @@ class CompressedCache(DynamicCache):
     # -------------------------------------------------------------------------------- inspection
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """[B, Hkv, M] stream indices of the entries layer `layer_idx` holds (-1 for empty slots / pads)."""
-        layer = self.layers[layer_idx]
-        return torch.where(layer.valid, layer.token_index, -1)
+        return self.layers[layer_idx].positions()
 
     def untouched(self) -> bool:
         """No attention layer was ever written to (a model that ignored this cache)."""
@@ -497,13 +506,17 @@ class CompressedCache(DynamicCache):
 
     def attention_entry_counts(self) -> list[int]:
         """Entries per KV head held by each compressed (attention) layer, in layer order."""
-        return [layer.keys.shape[-2] for layer in self.layers
+        return [layer.positions().shape[-1] for layer in self.layers
                 if isinstance(layer, CompressedLayer) and layer.is_initialized]
 
     def nbytes(self) -> int:
         """Bytes of the key/value tensors held (what the cache costs in memory)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers
-                   if isinstance(layer, CompressedLayer) and layer.is_initialized for t in (layer.keys, layer.values))
+        return sum(self.nbytes_per_layer().values())
+
+    def nbytes_per_layer(self) -> dict[int, int]:
+        """{layer: bytes of the key/value tensors it holds} for the compressed (attention) layers."""
+        return {i: sum(t.numel() * t.element_size() for t in layer.tensors()) for i, layer in enumerate(self.layers)
+                if isinstance(layer, CompressedLayer) and layer.is_initialized}
 
 
 def _unsupported(msg: str):
@@ -555,7 +568,7 @@ def is_fresh_cache(cache) -> bool:
 
 def default_pattern(method, layer: "CompressedLayer | Entries"):
     """The positional pattern `method` has over kept entries in decoding (causal for layers it leaves alone)."""
-    if method is None:
+    if method is None or getattr(layer, "patterns_own_heads", False):  # (head_hybrid's layer: per head group)
         return causal
     return method.position_pattern(layer.first_token())
 

@@ -17,7 +17,8 @@ class HeadHybrid(AttentionMethod):
     arXiv:2410.10819; heads chosen by a profile as in Wu et al. 2024, arXiv:2404.15574).
 
     GQA at KV-head granularity: a KV head is full for all of its query heads. The pattern is the same in prefill
-    and decoding (the cache itself is not yet bounded per head: streaming heads read only their sinks + window).
+    and decoding; generate()'s cache keeps every entry of the full heads and only the sinks + window - 1 most
+    recent entries of the others, held apart (longattn.kvcache.head_hybrid), so their memory is really bounded.
 
     Parameters
     ----------
@@ -52,6 +53,10 @@ class HeadHybrid(AttentionMethod):
               "given (or profile=, not both)", self.full_heads)
         check(self.name, "share", isinstance(self.share, (int, float)) and 0 < self.share <= 1, "in (0, 1]",
               self.share)
+        check(self.name, "sink_tokens", isinstance(self.sink_tokens, int) and self.sink_tokens >= 0,
+              "an integer >= 0", self.sink_tokens)
+        check(self.name, "window", isinstance(self.window, int) and self.window >= 2, "an integer >= 2",
+              self.window)
         if self.profile is not None:
             from ..heads import HeadProfile
 
@@ -94,6 +99,13 @@ class HeadHybrid(AttentionMethod):
                 o = self._streaming.attend(q, k, v, mask, sub)
             out[:, qh] = o
         return out
+
+    def install_cache(self, model):
+        """generate()'s cache keeps every entry of the full heads and sinks + window of the others."""
+        from ..kvcache.cache import install_cache_hook
+        from ..kvcache.head_hybrid import HeadHybridStreaming
+
+        return install_cache_hook(model, HeadHybridStreaming.for_method(self.full, self.sink_tokens, self.window))
 
     def position_pattern(self, first_token=None):
         raise ValueError("head_hybrid attends per head and cannot yet run over a compressed KV cache")
