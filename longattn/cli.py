@@ -225,10 +225,17 @@ def _cmd_inspect(args) -> int:
         raise ValueError("--maps must be >= 0 and --map-block >= 1")
     _model_setup(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    prof = profile_heads(model, tok, length=args.length, samples=args.samples, sink_tokens=args.sink_tokens,
-                         window=args.window, tasks=tasks, seed=args.seed, chat=args.chat)
     out = args.out_dir
-    print(f"wrote {prof.save(out / 'profile.json')}")
+    if args.profile is not None:  # drawn again from a saved profile (maps recomputed)
+        from .heads import HeadProfile
+
+        prof = HeadProfile.load(args.profile)
+        args.length, args.chat = prof.settings.get("length", args.length), prof.settings.get("chat", args.chat)
+        args.sink_tokens = prof.settings.get("sink_tokens", args.sink_tokens)
+    else:
+        prof = profile_heads(model, tok, length=args.length, samples=args.samples, sink_tokens=args.sink_tokens,
+                             window=args.window, tasks=tasks, seed=args.seed, chat=args.chat)
+        print(f"wrote {prof.save(out / 'profile.json')}")
     for p in plot_profile(prof, out) + plot_profile(prof, out, kv=True):
         print(f"wrote {p}")
     for name in ("sink", "non_first_sink", "local", "retrieval"):
@@ -393,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map-length", type=int, default=None, help="tokens of the map's prompt (default --length)")
     p.add_argument("--map-block", type=int, default=32, help="tokens per map cell")
     p.add_argument("--out-dir", type=Path, default=Path("longattn-heads"))
+    p.add_argument("--profile", type=Path, default=None, help="a saved profile.json: draw it (and its maps) again")
     p.set_defaults(func=_cmd_inspect)
 
     sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the 'longattn' model type: "

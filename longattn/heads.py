@@ -135,6 +135,25 @@ class HeadProfile:
             chosen.setdefault(layer, []).append(h)
         return chosen
 
+    def random_kv_heads(self, share: float = 0.25, seed: int = 0) -> dict[int, list[int]]:
+        """{layer: [KV heads]}: as many KV heads as `top_kv_heads(share=share)` chooses, drawn at random."""
+        import random
+
+        flat = [(layer, h) for layer in self.layers for h in range(self.num_kv_heads)]
+        chosen: dict[int, list[int]] = {}
+        for layer, h in sorted(random.Random(seed).sample(flat, max(1, round(share * len(flat))))):
+            chosen.setdefault(layer, []).append(h)
+        return chosen
+
+    def top_layers(self, score: str = "retrieval", share: float = 0.25) -> dict[int, list[int]]:
+        """{layer: every KV head}: the `share` of layers with the highest mean `score` (a per-layer hybrid)."""
+        if score not in self.scores:
+            raise ValueError(f"unknown score {score!r}; one of {sorted(self.scores)}")
+        means = sorted(((sum(row) / len(row), layer) for layer, row in zip(self.layers, self.scores[score])),
+                       key=lambda t: (-t[0], t[1]))
+        keep = sorted(layer for _, layer in means[:max(1, round(share * len(self.layers)))])
+        return {layer: list(range(self.num_kv_heads)) for layer in keep}
+
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,13 +352,12 @@ def plot_attention_map(amap: torch.Tensor, path, title: str, block: int, marks: 
     colours = ["cyan", "lime", "white", "orange"]
     for i, (label, pos) in enumerate((marks or {}).items()):  # through the middle of the block holding it
         ax.axvline(pos // block, color=colours[i % len(colours)], lw=0.9, ls="--", label=f"{label} (token {pos})")
-    if marks:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=7)
+    if marks:  # below the axes, outside the data
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(marks), fontsize=7, frameon=False)
     fig.colorbar(im, ax=ax, fraction=0.046, label="mean attention per pair (log)")
-    ax.set_title(f"{title}\n{n} tokens, {block}-token blocks", fontsize=8)
-    fig.tight_layout()
+    ax.set_title(textwrap.fill(title, 60) + f"\n{n} tokens, {block}-token blocks", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

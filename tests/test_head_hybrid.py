@@ -159,6 +159,10 @@ def test_heads_from_a_profile_file(tmp_path):
     m = HeadHybrid(profile=str(path), share=0.5)  # 3 of 6 KV heads: scores (max of 2 query heads) .9 .5 .3
     assert m.full == {0: [0], 1: [1], 2: [0]}
     assert "full" not in m.params()
+    rand = HeadHybrid(profile=str(path), share=0.5, select="random", seed=1).full
+    assert sum(map(len, rand.values())) == 3 and rand == HeadHybrid(profile=str(path), share=0.5, select="random",
+                                                                      seed=1).full
+    assert HeadHybrid(profile=str(path), share=0.34, select="layers").full == {0: [0, 1]}  # mean .25 > .125
 
 
 @pytest.mark.parametrize("params, message", [
@@ -169,6 +173,8 @@ def test_heads_from_a_profile_file(tmp_path):
     ({"full_heads": {0: [-1]}}, ">= 0"),
     ({"full_heads": {0: [1]}, "share": 0}, "'share' must be in"),
     ({"profile": "/nonexistent.json"}, "head profile not found"),
+    ({"full_heads": {0: [1]}, "select": "best"}, "'select' must be one of"),
+    ({"full_heads": {0: [1]}, "window": 1}, "'window' must be an integer >= 2"),
 ])
 def test_bad_parameters(params, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -61,12 +61,15 @@ def versions() -> dict:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by the key/value tensors of a transformers Cache."""
+    """Bytes held by the key/value tensors of a transformers Cache (a compressed layer counts every tensor it
+    holds, whatever its layout: head_hybrid keeps two groups of heads)."""
+    from ..kvcache import CompressedLayer
+
     total = 0
     for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+        tensors = layer.tensors() if isinstance(layer, CompressedLayer) and layer.is_initialized else \
+            [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
 
 

@@ -30,6 +30,11 @@ class HeadHybrid(AttentionMethod):
         With `profile`: the share of all KV heads made full, the highest `score` first.
     score : str
         With `profile`: which score ranks the heads ("retrieval" by default).
+    select : str
+        With `profile`: "top" (the best heads by `score`), "random" (as many heads, drawn with `seed`) or "layers"
+        (whole layers, the best by mean `score`, the same share of layers): the baselines a choice is compared to.
+    seed : int
+        With select="random".
     sink_tokens, window : int
         The streaming heads' pattern (first real tokens + most recent positions, as `sink_window`).
     """
@@ -44,6 +49,8 @@ class HeadHybrid(AttentionMethod):
     profile: str | None = None
     share: float = 0.25
     score: str = "retrieval"
+    select: str = "top"
+    seed: int = 0
     sink_tokens: int = 4
     window: int = 256
     full: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -57,10 +64,15 @@ class HeadHybrid(AttentionMethod):
               "an integer >= 0", self.sink_tokens)
         check(self.name, "window", isinstance(self.window, int) and self.window >= 2, "an integer >= 2",
               self.window)
+        check(self.name, "select", self.select in ("top", "random", "layers"), "one of top, random, layers",
+              self.select)
         if self.profile is not None:
             from ..heads import HeadProfile
 
-            self.full = HeadProfile.load(self.profile).top_kv_heads(self.score, self.share)
+            prof = HeadProfile.load(self.profile)
+            self.full = (prof.top_kv_heads(self.score, self.share) if self.select == "top" else
+                         prof.random_kv_heads(self.share, self.seed) if self.select == "random" else
+                         prof.top_layers(self.score, self.share))
         else:
             self.full = _full_heads(self.full_heads)
         self._streaming = SinkWindow(sink_tokens=self.sink_tokens, window=self.window, backend="auto")
