@@ -101,31 +101,41 @@ def kept_by_layer(cache, layers) -> dict:
             for i, p in pos.items()}
 
 
-def masked_reference_logits(model, ids, mask, kept):
-    """The unpatched model (eager) over the whole text; in every layer the LAST query of each head attends only to
-    the stream indices its KV head keeps (kept[layer][b][kv_head], from `kept_by_layer`) plus itself; earlier
-    queries are the prefill's, unrestricted."""
+def eager_logits_with_allowed(model, ids, mask, allowed_for):
+    """Logits of the unpatched model's eager attention where every layer's mask is further restricted to
+    allowed_for(module, query, key) ([B, Hq, Q, K] bool): the explicit reference for per-layer, per-head patterns."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     from longattn.models import eager_function
 
     def attention(module, query, key, value, attention_mask, **kw):
+        allowed = allowed_for(module, query, key)
+        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
+        return eager_function(module)(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("allowed_reference", attention)
+    AttentionMaskInterface.register("allowed_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    original = model.config._attn_implementation
+    model.set_attn_implementation("allowed_reference")
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        model.set_attn_implementation(original)
+
+
+def masked_reference_logits(model, ids, mask, kept):
+    """The unpatched model (eager) over the whole text; in every layer the LAST query of each head attends only to
+    the stream indices its KV head keeps (kept[layer][b][kv_head], from `kept_by_layer`) plus itself; earlier
+    queries are the prefill's, unrestricted."""
+    def allowed_for(module, query, key):
         allowed = torch.ones(query.shape[0], query.shape[1], query.shape[2], key.shape[2], dtype=torch.bool)
         allowed[:, :, -1, :] = False
         for b, per_head in enumerate(kept[module.layer_idx]):
             groups = query.shape[1] // len(per_head)
             for qh in range(query.shape[1]):
                 allowed[b, qh, -1, per_head[qh // groups] + [key.shape[2] - 1]] = True
-        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
-        return eager_function(module)(module, query, key, value, attention_mask, **kw)
+        return allowed
 
-    AttentionInterface.register("masked_reference", attention)
-    AttentionMaskInterface.register("masked_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    original = model.config._attn_implementation
-    model.set_attn_implementation("masked_reference")
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask).logits[:, -1]
-    finally:
-        model.set_attn_implementation(original)
+    return eager_logits_with_allowed(model, ids, mask, allowed_for)[:, -1]

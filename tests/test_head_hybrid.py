@@ -7,7 +7,7 @@ from longattn.kernels.dense import dense_attention
 from longattn.kernels.masks import AttentionMask
 from longattn.methods import HeadHybrid
 from longattn.methods.base import AttendCall
-from conftest import left_padded_batch, make_model
+from conftest import eager_logits_with_allowed, left_padded_batch, make_model
 
 SINKS, WINDOW = 2, 5
 
@@ -58,27 +58,11 @@ FULL = {0: [1], 2: [0]}  # layer 1 has no full head
 
 def _reference_logits(model, ids, mask):
     """The unpatched model's eager attention with each layer's explicit per-head mask."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
+    def allowed_for(module, query, key):
+        return allowed_per_head(FULL.get(module.layer_idx, []), query.shape[1], module.config.num_key_value_heads,
+                                mask.bool(), q_len=query.shape[2])
 
-    from longattn.models import eager_function
-
-    def attention(module, query, key, value, attention_mask, **kw):
-        n_q, n_kv = query.shape[1], module.config.num_key_value_heads
-        pad = mask.bool()
-        allowed = allowed_per_head(FULL.get(module.layer_idx, []), n_q, n_kv, pad, q_len=query.shape[2])
-        attention_mask = attention_mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
-        return eager_function(module)(module, query, key, value, attention_mask, **kw)
-
-    AttentionInterface.register("hybrid_reference", attention)
-    AttentionMaskInterface.register("hybrid_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    original = model.config._attn_implementation
-    model.set_attn_implementation("hybrid_reference")
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        model.set_attn_implementation(original)
+    return eager_logits_with_allowed(model, ids, mask, allowed_for)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

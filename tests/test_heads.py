@@ -147,3 +147,21 @@ def test_attention_map_block_means(ref, tmp_path):
     assert png.stat().st_size > 5000
     with pytest.raises(ValueError, match="head 9 out of range"):
         attention_map(model, ids, layer=1, head=9)
+
+
+def test_inspect_command(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "heads"
+    run = subprocess.run([sys.executable, "-m", "longattn.cli", "inspect", "--model", "reference", "--length", "300",
+                          "--samples", "1", "--window", "32", "--maps", "2", "--map-block", "16", "--out-dir",
+                          str(out), "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "top retrieval: L2." in run.stdout  # the reference model's retrieval heads sit in layer 2
+    prof = HeadProfile.load(out / "profile.json")
+    assert prof.settings["length"] == 300 and len(prof.scores["sink"]) == 4
+    assert len(list(out.glob("heads_*.png"))) == 10 and len(list(out.glob("map_L*_H*.png"))) == 2
+    bad = subprocess.run([sys.executable, "-m", "longattn.cli", "inspect", "--tasks", "needles"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown task 'needles'" in bad.stderr
