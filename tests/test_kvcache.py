@@ -422,3 +422,33 @@ def test_bad_input_errors():
         model(torch.randint(3, 96, (1, 8)), cache=cache, use_cache=True)
         with pytest.raises(RuntimeError, match="Patch the model first"):
             model(torch.randint(3, 96, (1, 1)), cache=cache, use_cache=True)
+
+
+def test_context_compressed_once_then_several_questions():
+    """kvpress's pipeline protocol: the context alone is compressed (the question cannot steer eviction), and each
+    question decodes from its own copy of that cache."""
+    import copy
+
+    from longattn.kvcache import ask, compress_context
+
+    model, tok = longattn.reference_model()
+    from longattn.evals.tasks.passkey import make_passkey_sample
+
+    s = make_passkey_sample(tok, 300, depth=0.3, seed=1)
+    context = torch.tensor([s.input_ids[:-8]])
+    questions = [" What is the pass key? The pass key is", " Repeat the pass key: the pass key is"]
+    with pytest.raises(ValueError, match="patch the model with a KV policy first"):
+        compress_context(model, context)
+    longattn.patch(model, "snapkv", compression_ratio=0.5, window=8)
+    cache = compress_context(model, context)
+    keep = -(-context.shape[1] // 2)
+    assert cache.attention_entry_counts() == [keep] * 4 and cache.get_seq_length() == context.shape[1]
+    answers = ask(model, tok, context, questions, max_new_tokens=6)
+    assert ask(model, tok, context, questions[1:], max_new_tokens=6) == answers[1:]  # questions do not interact
+    # by hand: the same compressed cache, copied, continued by generate() with the question appended
+    q = tok(questions[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([context, q], 1)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=copy.deepcopy(cache), max_new_tokens=6,
+                         do_sample=False, pad_token_id=tok.eos_token_id)
+    assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == answers[0]
+    longattn.unpatch(model)

@@ -8,6 +8,7 @@ from .cache import CompressedCache, CompressedLayer
 from .h2o import H2O
 from .knorm import KNorm
 from .pyramidkv import PyramidKV
+from .questions import ask, compress_context
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .tova import TOVA
@@ -27,4 +28,4 @@ def make_policy(name, **params) -> KVPolicy:
 
 
 __all__ = ["AdaKV", "CompressedCache", "CompressedLayer", "H2O", "KNorm", "KVPolicy", "POLICIES", "PyramidKV",
-           "ScoreInput", "SnapKV", "StreamingLLM", "TOVA", "make_policy"]
+           "ScoreInput", "SnapKV", "StreamingLLM", "TOVA", "ask", "compress_context", "make_policy"]
