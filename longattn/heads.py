@@ -18,11 +18,13 @@ from .kernels.dense import dense_attention
 from .methods.attention_maps import block_probs
 from .methods.base import AttendCall, AttentionMethod, check
 
-SCORES = ("sink", "non_first_sink", "local", "entropy", "retrieval")
+SCORES = ("sink", "non_first_sink", "local", "distant", "entropy", "retrieval")
 DESCRIPTIONS = {
     "sink": "attention mass on the first {sink_tokens} tokens",
     "non_first_sink": "largest mean attention a token after the first {sink_tokens} receives (ACT's non-first sinks)",
     "local": "attention mass on the {window} most recent tokens (sinks excluded)",
+    "distant": "attention mass beyond the first {sink_tokens} and the {window} most recent tokens (what a "
+               "sinks + window head loses)",
     "entropy": "entropy of the attention distribution / log(keys seen)",
     "retrieval": "share of needle tokens the head copies (top attention on that token while it is generated)",
 }
@@ -115,6 +117,11 @@ class HeadProfile:
     num_kv_heads: int
     scores: dict
     settings: dict
+
+    def __post_init__(self):
+        if "distant" not in self.scores and {"sink", "local"} <= set(self.scores):  # profiles saved before it
+            self.scores["distant"] = [[max(0.0, 1 - s - l) for s, l in zip(rs, rl)]
+                                      for rs, rl in zip(self.scores["sink"], self.scores["local"])]
 
     @property
     def kv_scores(self) -> dict:
@@ -234,6 +241,7 @@ def profile_heads(model, tokenizer, *, length: int = 2048, samples: int = 4, sin
         scores["sink"].append((sums.sink / q).tolist())
         scores["non_first_sink"].append((sums.non_first / max(sums.prefills, 1)).tolist())
         scores["local"].append((sums.local / q).tolist())
+        scores["distant"].append((1 - (sums.sink + sums.local) / q).clamp_min(0).tolist())
         scores["entropy"].append((sums.entropy / q).tolist())
         scores["retrieval"].append((hits[li] / max(targets, 1)).tolist())
     settings = {"length": length, "samples": samples, "tasks": list(tasks), "sink_tokens": sink_tokens,

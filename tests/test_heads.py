@@ -41,6 +41,9 @@ def test_scores_of_constructed_patterns():
     assert sink[0] == pytest.approx(expect, abs=1e-6) and entropy[0] == pytest.approx(1.0, abs=1e-6)
     assert local[0] == pytest.approx(sum(window / (i + 1) for i in range(S) if counted[i]) / n, abs=1e-6)
     assert sink[1] == pytest.approx(1.0, abs=1e-6) and entropy[1] == pytest.approx(0.0, abs=1e-5)
+    prof = HeadProfile("t", [0], 4, 4, {"sink": [sink], "local": [local]}, {})
+    assert prof.scores["distant"][0] == pytest.approx([1 - s - l for s, l in zip(sink, local)])
+    assert prof.scores["distant"][0][2] == pytest.approx(0.0, abs=1e-6)  # a head on itself loses nothing
     assert local[2] == pytest.approx(1.0, abs=1e-6) and sink[2] == pytest.approx(0.0, abs=1e-6)
     # head 3: key 20 takes everything from query 20 on; it is seen by S - 20 >= window queries
     assert float(sums.non_first[3]) == pytest.approx(1.0, abs=1e-6)
@@ -122,7 +125,7 @@ def test_profile_file_choice_and_plots(ref, tmp_path):
     with pytest.raises(ValueError, match="not a head profile"):
         HeadProfile.load(tmp_path / "bad.json")
     pngs = plot_profile(back, tmp_path / "png")
-    assert len(pngs) == 5 and all(p.stat().st_size > 5000 for p in pngs)
+    assert len(pngs) == 6 and all(p.stat().st_size > 5000 for p in pngs)
 
 
 def test_attention_map_block_means(ref, tmp_path):
@@ -161,7 +164,7 @@ def test_inspect_command(tmp_path):
     assert "top retrieval: L2." in run.stdout  # the reference model's retrieval heads sit in layer 2
     prof = HeadProfile.load(out / "profile.json")
     assert prof.settings["length"] == 300 and len(prof.scores["sink"]) == 4
-    assert len(list(out.glob("heads_*.png"))) == 10 and len(list(out.glob("map_L*_H*.png"))) == 2
+    assert len(list(out.glob("heads_*.png"))) == 12 and len(list(out.glob("map_L*_H*.png"))) == 2
     bad = subprocess.run([sys.executable, "-m", "longattn.cli", "inspect", "--tasks", "needles"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown task 'needles'" in bad.stderr
