@@ -95,13 +95,14 @@ def _decode_steps(model, ids, prefix):
 
 
 @pytest.mark.parametrize("prefix", [1, 9, 20])
-def test_bounded_cache_decode_equals_prefill(prefix):
+@pytest.mark.parametrize("full", [{0: [1], 2: [0]}, {1: [0, 1], 2: [1]}], ids=["some-heads", "a-whole-layer"])
+def test_bounded_cache_decode_equals_prefill(prefix, full):
     """Decoding through the per-head bounded cache gives the prefill's logits, and the cache holds exactly every
-    entry of the full heads and the sinks + window - 1 newest of the others."""
+    entry of the full heads and the sinks + window - 1 newest of the others (a layer whose heads are all full keeps
+    everything while the model's mask is sized for the evicting layers)."""
     model = make_model("llama")
     ids, _ = left_padded_batch()
     ids = ids[:1]
-    full = {0: [1], 2: [0]}
     longattn.patch(model, "head_hybrid", full_heads=full, sink_tokens=SINKS, window=WINDOW)
     with torch.no_grad():
         whole = model(input_ids=ids, use_cache=False).logits
@@ -118,7 +119,9 @@ def test_bounded_cache_decode_equals_prefill(prefix):
     per_entry = 2 * 16 * 4  # key + value, head dim 16, fp32
     n_full = sum(map(len, full.values()))
     assert cache.nbytes() == per_entry * (n_full * s + (3 * 2 - n_full) * (SINKS + WINDOW - 1))
-    assert cache.nbytes_per_layer()[1] == per_entry * 2 * (SINKS + WINDOW - 1)  # layer 1: no full head
+    for layer in range(3):
+        n = len(full.get(layer, []))
+        assert cache.nbytes_per_layer()[layer] == per_entry * (n * s + (2 - n) * (SINKS + WINDOW - 1))
 
 
 def test_padded_generate_equals_each_row_alone():

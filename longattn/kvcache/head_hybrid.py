@@ -102,6 +102,10 @@ class HeadHybridLayer(CompressedLayer):
             self.awaiting = False
             if self.prompt_length is None:
                 self.prompt_length = self.cumulative_length
+            if not streaming and self.keys.shape[-2] > self.policy.kv_budget:
+                # An all-full layer keeps everything, but the model's mask is now sized for the layers that
+                # evicted: from here on it attends over its entries by stream index, as they do.
+                self.compressed = True
             return
         g = query.shape[1] // n_kv
         if not self.split:  # the full heads leave the shared tensors; the streaming heads stay and get evicted
