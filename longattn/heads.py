@@ -272,7 +272,8 @@ def plot_profile(profile: HeadProfile, out_dir, kv: bool = False) -> list[Path]:
         ax.set_yticks(range(len(profile.layers)), [str(i) for i in profile.layers], fontsize=7)
         ax.set_xticks(range(data.shape[1]), [str(i) for i in range(data.shape[1])], fontsize=7)
         fig.colorbar(im, ax=ax, fraction=0.05)
-        what = textwrap.fill(s.get("descriptions", {}).get(name, name), 70)
+        fallback = DESCRIPTIONS.get(name, name).format(sink_tokens=s.get("sink_tokens"), window=s.get("window"))
+        what = textwrap.fill(s.get("descriptions", {}).get(name, fallback), 70)
         ax.set_title(f"{profile.model}: {name}\n{what}\n{s.get('prompts')} prompts x {s.get('length')} tokens",
                      fontsize=8)
         fig.tight_layout()
