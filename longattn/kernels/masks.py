@@ -169,6 +169,10 @@ class AttentionMask:
             self._cache[("restrict", cache_key)] = restricted
         return restricted
 
+    def first_real_token(self) -> torch.Tensor | None:
+        """[B] absolute position of each row's first real (non-pad) token; None without padding."""
+        return None if self.padding is None else self.padding.to(torch.int64).argmax(dim=-1)
+
     def pair_count(self, window: int | None = None, sink_tokens: int = 0, dilation: int = 1) -> int:
         """Causal (query, key) pairs per sequence (padding not subtracted) under this mask's own window,
         optionally restricted to `window` keys spaced `dilation` apart plus positions 0 .. `sink_tokens` - 1.

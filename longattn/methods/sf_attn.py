@@ -71,7 +71,7 @@ class SinkShiftedSparse(AttentionMethod):
         if hq % 2 or hkv % 2:
             raise ValueError(f"{self.name}: shifts half of the heads: needs an even number of query and "
                              f"key/value heads, got {hq} and {hkv}")
-        first = None if mask.padding is None else mask.padding.to(torch.int64).argmax(dim=-1)
+        first = mask.first_real_token()
         outs = []
         for half, shift in ((0, 0), (1, self.group_size // 2)):
             pattern = mask.restrict(grouped(self.group_size, shift, self.sink_tokens, first),

@@ -61,9 +61,7 @@ class SinkWindow(AttentionMethod):
         return sinks_and_window(self.sink_tokens, self.window, first_token)
 
     def attend(self, query, key, value, mask, call: AttendCall):
-        first = None
-        if mask.padding is not None:  # index of each row's first real token
-            first = mask.padding.to(torch.int64).argmax(dim=-1)
+        first = mask.first_real_token()
         pattern = mask.restrict(sinks_and_window(self.sink_tokens, self.window, first), cache_key=repr(self))
         return local_attention(query, key, value, pattern, span=self.window, sinks=self.sink_tokens,
                                first_token=first, backend=self.backend, scale=call.scale, softcap=call.softcap,

@@ -34,9 +34,9 @@ class PositionTemperature(AttentionMethod):
                 raise ValueError(f"{self.name}: give training_length (the model config has no "
                                  "max_position_embeddings)")
         positions = (torch.arange(mask.q_len, dtype=torch.float64) + mask.q_offset).view(1, -1)
-        if mask.padding is not None:  # a query's position counts its row's real tokens (left padding skipped)
-            first = mask.padding.to(torch.int64).argmax(dim=-1).cpu()
-            positions = (positions - first.view(-1, 1)).clamp_min(0)
+        first = mask.first_real_token()
+        if first is not None:  # a query's position counts its row's real tokens (left padding skipped)
+            positions = (positions - first.cpu().view(-1, 1)).clamp_min(0)
         f = self.factors(positions, length).to(device=query.device, dtype=query.dtype).unsqueeze(1).unsqueeze(-1)
         # Scaling the query scales its logits exactly; a factor of 1 leaves the query untouched.
         return dense_attention(query * f, key, value, mask, scale=call.scale, softcap=call.softcap,

@@ -40,9 +40,10 @@ def vertical_slash_select(query, key, mask: AttentionMask, scale: float, vertica
     probs = torch.softmax((q_last @ k.transpose(-1, -2) * scale).masked_fill(~last, float("-inf")), dim=-1)
     probs = probs.nan_to_num(0.0)
     vertical = probs.sum(dim=2)  # [B, Hq, K]
-    first = 0 if mask.padding is None else mask.padding.to(torch.int64).argmax(dim=-1) - mask.kv_offset
-    sinks = (torch.as_tensor(first, device=query.device).view(-1, 1) + torch.arange(sink_columns, device=query.device))
-    sinks = sinks.clamp(max=k_len - 1).view(-1, 1, sink_columns).expand(b, hq, sink_columns)
+    first = mask.first_real_token()
+    first = torch.zeros(1, dtype=torch.long) if first is None else first - mask.kv_offset
+    sinks = first.to(query.device).view(-1, 1, 1) + torch.arange(sink_columns, device=query.device)
+    sinks = sinks.clamp(max=k_len - 1).expand(b, hq, sink_columns)
     vertical.scatter_(-1, sinks, float("inf"))  # each row's first real tokens (left padding skipped)
     offsets = (q_pos - k_pos).clamp_min(0)  # [n_last, K]; keys after the query carry no mass anyway
     max_offset = mask.q_offset + q_len - 1 - mask.kv_offset
