@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import sinks_and_window
