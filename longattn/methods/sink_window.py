@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..kernels.gathered import LOCAL_BACKENDS, local_attention
 from ..kernels.masks import sinks_and_window
 from .base import AttendCall, AttentionMethod, check, window_for_density
