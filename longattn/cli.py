@@ -262,6 +262,29 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_gates(args) -> int:
+    """DuoAttention's gate search: gates.json (a head profile with the score "gate"), its heatmaps and the loss
+    curve; resumes from gates_state.pt in --out-dir."""
+    from .duo import GateTraining, plot_gate_history, train_head_gates
+    from .heads import plot_profile
+    from .pretrained import load_model
+
+    settings = GateTraining(length=args.length, samples=args.samples, steps=args.steps, lr=args.lr, l1=args.l1,
+                            sink_tokens=args.sink_tokens, window=args.window, task=args.task, chat=args.chat,
+                            seed=args.seed)
+    settings.validate()
+    _model_setup(args)
+    model, tok = load_model(args.model, dtype="float32", device=args.device)
+    prof = train_head_gates(model, tok, settings, state_path=args.out_dir / "gates_state.pt")
+    print(f"wrote {prof.save(args.out_dir / 'gates.json')}")
+    for p in plot_profile(prof, args.out_dir, kv=True) + [plot_gate_history(prof, args.out_dir / "gate_history.png")]:
+        print(f"wrote {p}")
+    flat = sorted(((v, layer, h) for layer, row in zip(prof.layers, prof.kv_scores["gate"]) for h, v in enumerate(row)),
+                  reverse=True)
+    print("highest gates (KV heads): " + ", ".join(f"L{layer}.KV{h}={v:.2f}" for v, layer, h in flat[:10]))
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .evals.report import markdown_table, write_report
     from .evals.sweep import read_results
@@ -402,6 +425,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("longattn-heads"))
     p.add_argument("--profile", type=Path, default=None, help="a saved profile.json: draw it (and its maps) again")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("gates", help="DuoAttention's retrieval-head search: train one gate per KV head between full "
+                                     "and sinks + window attention (model frozen, float32); head_hybrid uses the result")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a name from `longattn models` or a HF model folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--length", type=int, default=2048, help="tokens per training prompt")
+    p.add_argument("--samples", type=int, default=16, help="training prompts (cycled)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--l1", type=float, default=0.05, help="weight of the mean gate in the loss")
+    p.add_argument("--sink-tokens", type=int, default=4)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--task", default="niah_multivalue", help="needle task whose answers are distilled")
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--chat", action="store_true", help="prompts in the tokenizer's chat template")
+    p.add_argument("--out-dir", type=Path, default=Path("longattn-gates"))
+    p.set_defaults(func=_cmd_gates)
 
     sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the 'longattn' model type: "
                    "longattn lm-eval --model longattn --model_args pretrained=NAME,patch=METHOD,patch_params=a=1;b=2 "

@@ -266,11 +266,10 @@ def test_strided_window_fast_path_with_padding_equals_reference(method, q_len, k
 def test_causal_halves_path_equals_reference(method, q_len, kv_len, batch, padded, monkeypatch):
     """In inference, long windows run as two causal halves per block (sinks leading the reversed previous
     half); it equals the explicit mask computation, including queries whose key offset is shorter than a
-    block (350 / 400), a block straddling the sinks, chunking, GQA and padded rows next to unpadded ones."""
+    block (350 / 400), a block straddling the sinks, GQA and padded rows next to unpadded ones."""
     from longattn.kernels import causal_halves
 
     monkeypatch.setattr(causal_halves, "HALVES_MIN_BLOCK", 8)  # the real threshold is 900
-    monkeypatch.setattr(causal_halves, "CHUNK_BLOCKS", 2)
     calls = []
     real = causal_halves.causal_halves_window
     monkeypatch.setattr(causal_halves, "causal_halves_window", lambda *a, **k: calls.append(k) or real(*a, **k))

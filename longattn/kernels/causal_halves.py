@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import torch
 
-# Blocks of at least this many queries (window - 1): torch's CPU kernel splits 768+ queries in 256-row GEMMs.
-# Measured at 16k (sink 4): parity with the masked tiles near 800, 1.13x at 1024, 1.11x at 2048, 1.72x at 4096;
-# 0.74x at 512 (64-row splits).
+# Blocks of at least this many queries (window - 1): below it torch's CPU flash kernel splits its queries in small
+# GEMMs and the masked tiles are faster (the crossover was measured with scripts/bench_sparse.py).
 HALVES_MIN_BLOCK = 900
-CHUNK_BLOCKS = 1
 
 
 def halves_query_ranges(q_len: int, k_len: int, delta: int, span: int, sinks_end: int = 0
@@ -53,28 +51,25 @@ def causal_halves_window(query, key, value, out, lse, *, first: int, stop: int, 
     previous half: they lead its reversed tile, behind as many dummy queries (top-left causal lets every
     real query see them)."""
     t = span - 1
-    # A block at a time: the copies and the kernel's outputs stay small enough for the allocator to reuse
-    # their memory instead of faulting in fresh pages (32k, sink 4 + window 2048: one block at a time 0.93 s
-    # and 21k page faults per call, four 1.02 s and 44k, eight 1.03 s and 76k).
-    # The reversed copies live in buffers reused by every chunk of the call.
+    # One block per kernel call: the copies and outputs stay small, and the reversed copies live in buffers that
+    # every block of the call reuses, so the allocator does not fault in fresh pages for each block.
     work = {}
-    for a in range(first, stop, CHUNK_BLOCKS * t):
-        _halves_chunk(query, key, value, out, lse, first=a, stop=min(stop, a + CHUNK_BLOCKS * t), delta=delta,
-                      t=t, scale=scale, sinks=sinks, work=work)
+    for a in range(first, stop, t):
+        _halves_block(query, key, value, out, lse, first=a, delta=delta, t=t, scale=scale, sinks=sinks, work=work)
 
 
 def _buffer(work: dict, name: str, like: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """A [shape[0], ...] tensor backed by a chunk-sized buffer kept in `work` across chunks."""
+    """A tensor of `shape` kept in `work` and reused by the next block of the same call."""
     buf = work.get(name)
-    if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
-        buf = work[name] = like.new_empty((max(CHUNK_BLOCKS, shape[0]),) + tuple(shape[1:]))
-    return buf[:shape[0]]
+    if buf is None or buf.shape != shape:
+        buf = work[name] = like.new_empty(shape)
+    return buf
 
 
-def _halves_chunk(query, key, value, out, lse, *, first, stop, delta, t, scale, sinks, work):
-    """causal_halves_window on the whole blocks [first, stop) (t = window - 1 queries each)."""
+def _halves_block(query, key, value, out, lse, *, first, delta, t, scale, sinks, work):
+    """causal_halves_window on the block of t = window - 1 queries starting at `first`."""
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    n = (stop - first) // t
+    n = 1  # one block per call (the block views below are written for any count)
     hq, hkv = query.shape[0], key.shape[0]
     groups = hq // hkv
     k0 = first + delta  # the first key of block 0's own (diagonal) half
@@ -85,14 +80,14 @@ def _halves_chunk(query, key, value, out, lse, *, first, stop, delta, t, scale, 
 
     q_blocks, k_diag, v_diag = blocks(query, first, n), blocks(key, k0, n), blocks(value, k0, n)
     out_blocks = blocks(out, first, n)
-    lse_blocks = None if lse is None else lse[:, first:stop].unflatten(1, (n, t)).transpose(0, 1)
+    lse_blocks = None if lse is None else lse[:, first:first + t].unflatten(1, (n, t)).transpose(0, 1)
     p0 = 1 if k0 == 0 else 0  # a block whose own half starts at key 0 has no previous half
     m = n - p0
     ns = 0 if sinks is None or not m else sinks.numel()
     reverse = torch.arange(t - 1, -1, -1, device=dev)
     if m:
         # Previous halves reversed, sinks first: one copy each of the queries, keys and values (the only copies
-        # of inputs made here). index_select along the block's rows is ~1.5x faster than a flat gather.
+        # of inputs made here). index_select along the block's rows is faster than a flat gather.
         def reversed_blocks(x, start, lead, name):  # [m, H, ns + t, D]: `lead` rows, then the m blocks reversed
             res = _buffer(work, name, x, (m, x.shape[0], ns + t, x.shape[-1]))
             torch.index_select(blocks(x, start, m), 2, reverse, out=res[:, :, ns:])

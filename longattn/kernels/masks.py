@@ -141,10 +141,6 @@ class AttentionMask:
 
         return cls(b, q, k, fn, is_causal=False, device=mask.device, dense_builder=lambda: allowed)
 
-    def is_plain(self) -> bool:
-        """Bottom-right causal (or causal window) with no padded key: the same pattern for every query."""
-        return self.structured and (self.padding is None or bool(self.padding.all()))
-
     def restrict(self, extra: MaskFn, window: int | None = None, cache_key=None) -> "AttentionMask":
         """A new mask allowing only the pairs both this mask and `extra` allow (absolute positions).
 

@@ -37,14 +37,6 @@ def require_distributed(what: str) -> None:
                            f"init_process_group) first")
 
 
-def group_size(group=None) -> int:
-    return dist.get_world_size(group)
-
-
-def group_rank(group=None) -> int:
-    return dist.get_rank(group)
-
-
 def check_group_size(group, expected: int | None, what: str = "sequence_parallel") -> int:
     """The group's size; a clear error when it differs from what the caller asked for."""
     if not dist.is_initialized():
@@ -93,13 +85,13 @@ class Ring:
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
-    def start(self, tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None):
-        """Begin sending `tensors` to the next rank and receiving same-shaped ones from the previous rank, into
-        `into` or into new buffers. The pending exchange holds the sent tensors until `finish`, so a caller can
+    def start(self, tensors: list[torch.Tensor]):
+        """Begin sending `tensors` to the next rank and receiving same-shaped ones from the previous rank into
+        new buffers. The pending exchange holds the sent tensors until `finish`, so a caller can
         drop its own references as soon as the exchange has started."""
         if self.size == 1:
             return tensors, [], []
-        recv = into if into is not None else [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+        recv = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
         sends = [t.contiguous() for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self._next, self.group) for t in sends]
         ops += [dist.P2POp(dist.irecv, r, self._prev, self.group) for r in recv]

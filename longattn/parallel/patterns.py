@@ -94,11 +94,3 @@ def run_positions(runs: list[Run], device="cpu") -> torch.Tensor:
     """The absolute positions of consecutive runs, in order."""
     return torch.cat([torch.arange(s, s + n, device=device) for s, n in runs])
 
-
-def run_slices(runs: list[Run]) -> list[slice]:
-    """Where each run sits along the local (concatenated) sequence dimension."""
-    out, at = [], 0
-    for _, n in runs:
-        out.append(slice(at, at + n))
-        at += n
-    return out
