@@ -169,17 +169,19 @@ def _original_function(module: nn.Module, impl: str):
 
 def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                        sliding_window=None, softcap=None, **kwargs):
-    """The function registered under AttentionInterface["longattn"]; dispatches per layer, and lets a
-    compressed KV cache (longattn.kvcache) attend over what it kept and evict after seeing the queries."""
-    from .kvcache.cache import default_pattern, shared_entries, take_pending
+    """The function registered under AttentionInterface["longattn"]: one of four paths per call (a compressed KV
+    cache, sequence parallelism, the model's own attention, a longattn method), metered in one place; a compressed
+    KV cache then scores and evicts with this call's queries."""
+    from .kvcache.cache import shared_entries, take_pending
 
     if not hasattr(module, _ORIG_ATTR):
         raise UnsupportedModelError(
             f"longattn: {type(module).__name__} called the attention interface but is not one of the attention "
             f"modules longattn found in this model (softmax self-attention with a layer_idx, or cross-attention); "
             f"refusing rather than guessing what it expects")
-    s_aux = kwargs.get("s_aux")
-    if getattr(module, _LAYER_ATTR, None) is not None or getattr(module, _SP_ATTR, None) is not None:
+    method: AttentionMethod | None = getattr(module, _LAYER_ATTR, None)
+    sp = getattr(module, _SP_ATTR, None)
+    if method is not None or sp is not None:
         _check_kwargs(module, kwargs)
     cache_layer = take_pending(module)
     if cache_layer is not None:
@@ -188,26 +190,22 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     reused = shared_entries(source) if source is not None else None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if (cache_layer is not None and cache_layer.compressed) or (reused is not None and reused.compressed):
-        indices = kwargs.get("indices")  # DeepSeek Sparse Attention: its indexer's choice among the entries
-        selected = None if indices is None else selected_keys(indices, key.shape[2])
-        entries = cache_layer if cache_layer is not None else reused
-        pattern = default_pattern(getattr(module, _LAYER_ATTR, None), entries)
-        if cache_layer is not None:
-            out, allowed = cache_layer.attend(query, pattern, scale, softcap, sliding_window, s_aux, selected)
-        else:
-            out, allowed = reused.attend(query, key, value, pattern, scale, softcap, sliding_window, s_aux, selected)
-        meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
-        if meter is not None:
-            q_tok = entries.token_index[0, 0, -query.shape[2]:]
-            q, n = query.shape[2], key.shape[2]  # allowed None: bottom-right causal over all n entries
-            pairs = q * (n - q) + q * (q + 1) // 2 if allowed is None else int(allowed[0].sum()) // allowed.shape[1]
-            meter.add("prefill" if q > 1 else "decode", pairs, int((q_tok + 1).sum()))
-        result = out.transpose(1, 2).contiguous(), None
+        result, pairs = _compressed_cache_path(module, query, key, value, cache_layer, reused, scale, softcap,
+                                               sliding_window, kwargs)
+    elif sp is not None:
+        result, pairs = _sequence_parallel_path(sp, query, key, value, attention_mask, scale, softcap, dropout,
+                                                sliding_window, kwargs)
+    elif method is None:
+        result, pairs = _model_path(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                                    softcap, kwargs)
     else:
-        result = _dispatch(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                           sliding_window=sliding_window, softcap=softcap, **kwargs)
+        result, pairs = _method_path(method, module, query, key, value, attention_mask, scale, softcap, dropout,
+                                     kwargs)
+    meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
+    if meter is not None and pairs is not None:
+        meter.add(*pairs())
     if cache_layer is not None:
-        cache_layer.after_attention(query, scale, softcap, s_aux)
+        cache_layer.after_attention(query, scale, softcap, kwargs.get("s_aux"))
     return result
 
 
@@ -221,51 +219,75 @@ def _check_kwargs(module, kwargs) -> None:
             f"implement; they may change the result, so the patched layer refuses to run")
 
 
-def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-              softcap=None, **kwargs):
-    sp = getattr(module, _SP_ATTR, None)
-    if sp is not None:  # the sequence is sharded over ranks: ring / Ulysses attention (longattn.parallel)
-        from .parallel.hf import sequence_parallel_attention, sequence_parallel_pairs
+# Each path returns (what the attention function returns, None or a function giving (phase, attended pairs, causal
+# pairs) of this call for the density meter: computed only when the model is metered).
 
-        if kwargs.get("s_aux") is not None:
-            raise UnsupportedModelError("longattn: sequence-parallel attention does not implement learned "
-                                        "attention sinks (s_aux) yet")
-        if kwargs.get("indices") is not None:
-            raise UnsupportedModelError("longattn: sequence-parallel attention does not implement an indexer's "
-                                        "top-k key selection (DeepSeek Sparse Attention)")
+def _compressed_cache_path(module, query, key, value, cache_layer, reused, scale, softcap, sliding_window, kwargs):
+    """Attention over the entries a compressed KV cache kept (this layer's, or those of the layer it reuses)."""
+    from .kvcache.cache import default_pattern
 
-        out = sequence_parallel_attention(
-            sp, query, key, value, attention_mask, scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
-            softcap=softcap, dropout=dropout, sliding_window=sliding_window, position_ids=kwargs.get("position_ids"))
-        meter = getattr(module, _METER_ATTR, None)
-        if meter is not None:  # pairs of the FULL sequence (the same on every rank), not of this rank's shard
-            meter.add("prefill", *sequence_parallel_pairs(sp, query.shape[2], sliding_window))
-        return out.transpose(1, 2).contiguous(), None
-    method: AttentionMethod | None = getattr(module, _LAYER_ATTR, None)
-    meter: DensityMeter | None = getattr(module, _METER_ATTR, None)
-    phase = "prefill" if query.shape[2] > 1 else "decode"
+    indices = kwargs.get("indices")  # DeepSeek Sparse Attention: its indexer's choice among the entries
+    selected = None if indices is None else selected_keys(indices, key.shape[2])
+    entries = cache_layer if cache_layer is not None else reused
+    pattern = default_pattern(getattr(module, _LAYER_ATTR, None), entries)
+    s_aux = kwargs.get("s_aux")
+    if cache_layer is not None:
+        out, allowed = cache_layer.attend(query, pattern, scale, softcap, sliding_window, s_aux, selected)
+    else:
+        out, allowed = reused.attend(query, key, value, pattern, scale, softcap, sliding_window, s_aux, selected)
+
+    def pairs():
+        q_tok = entries.token_index[0, 0, -query.shape[2]:]
+        q, n = query.shape[2], key.shape[2]  # allowed None: bottom-right causal over all n entries
+        attended = q * (n - q) + q * (q + 1) // 2 if allowed is None else int(allowed[0].sum()) // allowed.shape[1]
+        return "prefill" if q > 1 else "decode", attended, int((q_tok + 1).sum())
+
+    return (out.transpose(1, 2).contiguous(), None), pairs
+
+
+def _sequence_parallel_path(sp, query, key, value, attention_mask, scale, softcap, dropout, sliding_window, kwargs):
+    """The sequence is sharded over ranks: ring / Ulysses attention (longattn.parallel)."""
+    from .parallel.hf import sequence_parallel_attention, sequence_parallel_pairs
+
+    if kwargs.get("s_aux") is not None:
+        raise UnsupportedModelError("longattn: sequence-parallel attention does not implement learned "
+                                    "attention sinks (s_aux) yet")
+    if kwargs.get("indices") is not None:
+        raise UnsupportedModelError("longattn: sequence-parallel attention does not implement an indexer's "
+                                    "top-k key selection (DeepSeek Sparse Attention)")
+    out = sequence_parallel_attention(sp, query, key, value, attention_mask, scale=scale, softcap=softcap,
+                                      dropout=dropout, sliding_window=sliding_window,
+                                      position_ids=kwargs.get("position_ids"))
+    # pairs of the FULL sequence (the same on every rank), not of this rank's shard
+    return ((out.transpose(1, 2).contiguous(), None),
+            lambda: ("prefill", *sequence_parallel_pairs(sp, query.shape[2], sliding_window)))
+
+
+def _model_path(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, kwargs):
+    """A layer the method does not cover: the model's own attention, untouched (an indexer's choice of keys folded
+    into its mask, as the model itself does for eager / SDPA: it passes `indices` only to kernels that take them,
+    which longattn's name is not)."""
+    impl = getattr(module, _ORIG_ATTR)
     indices = kwargs.pop("indices", None)
-    if method is None and indices is not None:
-        # The model's own attention with its indexer's choice folded into its mask, as the model itself does for
-        # eager / SDPA (it passes `indices` only to kernels that take them, which longattn's name is not).
-        impl = getattr(module, _ORIG_ATTR)
+    mask, pairs = attention_mask, None
+    if indices is not None:
         mask = attention_mask.as_model_expects() if isinstance(attention_mask, HFMask) else attention_mask
         if not isinstance(mask, torch.Tensor):
             raise UnsupportedModelError(f"longattn: {type(module).__name__} passed indexer indices without a mask")
         chosen = selected_keys(indices, key.shape[2]).unsqueeze(1)
         mask = mask & chosen if mask.dtype == torch.bool else mask.masked_fill(~chosen, torch.finfo(mask.dtype).min)
-        return _original_function(module, impl)(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                                sliding_window=sliding_window, softcap=softcap, **kwargs)
-    if method is None:  # a layer the method does not cover: the model's own attention, untouched
-        impl = getattr(module, _ORIG_ATTR)
-        if isinstance(attention_mask, HFMask):
-            if meter is not None:
-                meter.add(phase, attention_mask.pair_count(), attention_mask.causal_pair_count())
-            mask = attention_mask.for_implementation(impl)
-        else:
-            mask = attention_mask
-        return _original_function(module, impl)(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                                sliding_window=sliding_window, softcap=softcap, **kwargs)
+    elif isinstance(attention_mask, HFMask):
+        phase = "prefill" if query.shape[2] > 1 else "decode"
+        pairs = lambda: (phase, attention_mask.pair_count(), attention_mask.causal_pair_count())  # noqa: E731
+        mask = attention_mask.for_implementation(impl)
+    result = _original_function(module, impl)(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                              sliding_window=sliding_window, softcap=softcap, **kwargs)
+    return result, pairs
+
+
+def _method_path(method: AttentionMethod, module, query, key, value, attention_mask, scale, softcap, dropout,
+                 kwargs):
+    """The longattn method of this layer, over the model's mask (as an AttentionMask)."""
     if isinstance(attention_mask, AttentionMask):
         mask = attention_mask
         if mask.kv_len != key.shape[2] or mask.q_len != query.shape[2]:
@@ -280,11 +302,11 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     else:
         mask = AttentionMask(query.shape[0], query.shape[2], key.shape[2], full, is_causal=False,
                              device=query.device)
+    indices = kwargs.get("indices")
     if indices is not None:  # the method restricts the model's own choice of keys, as it does its sliding window
         chosen = selected_keys(indices, key.shape[2])
         qo, ko = mask.q_offset, mask.kv_offset
         mask = mask.restrict(lambda b, h, q, k: chosen[b, q - qo, k - ko])
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     s_aux = kwargs.get("s_aux")
     if s_aux is not None and not method.learned_sinks:
         raise UnsupportedModelError(
@@ -293,10 +315,11 @@ def _dispatch(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     call = AttendCall(scale=scale, softcap=softcap, dropout=dropout, layer_idx=getattr(module, "layer_idx", None),
                       module=module, learned_sinks=s_aux)
     out = method.attend(query, key, value, mask, call)
-    if meter is not None:
-        pairs = call.attended_pairs if call.attended_pairs is not None else method.computed_pairs(mask)
-        meter.add(phase, pairs, mask.causal_pair_count())
-    return out.transpose(1, 2).contiguous(), None
+    phase = "prefill" if query.shape[2] > 1 else "decode"
+    attended = call.attended_pairs  # set by methods whose pattern depends on the data
+    return ((out.transpose(1, 2).contiguous(), None),
+            lambda: (phase, attended if attended is not None else method.computed_pairs(mask),
+                     mask.causal_pair_count()))
 
 
 _registered = False
