@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from longattn.kernels import AttentionMask, dense_attention
-from longattn.kernels.dense import choose_backend, flash_attn_available
+from longattn.kernels.dense import choose_backend
+from longattn.kernels.primitives import flash_attn_available
 
 
 def reference(q, k, v, allowed, scale, softcap=None):

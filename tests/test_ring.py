@@ -246,10 +246,11 @@ def test_flash_block_kernel_matches_math_on_cuda():
     """On CUDA with flash-attn: the flash forward (unmasked and diagonal-causal blocks) against the plain-torch
     math kernel, bf16 inputs, tolerance of bf16 (2e-2); the backward path there is the math kernel."""
     pytest.importorskip("flash_attn", reason="flash-attn is not installed")
-    from longattn.parallel.blocks import block_forward, flash_attn_usable
+    from longattn.kernels.primitives import flash_attn_available
+    from longattn.parallel.blocks import block_forward
 
     q, k, v, _ = (t.cuda().bfloat16() for t in full_inputs(0, 256, 8, 2, 64))
-    assert flash_attn_usable(q)
+    assert flash_attn_available(q)
     for causal in (False, True):
         out, lse = block_forward(q, k, v, None, causal, 0.125, "flash")
         ref_out, ref_lse = block_forward(q, k, v, None, causal, 0.125, "math")

@@ -4,16 +4,15 @@ Cut the queries into blocks of t = window - 1. A query at offset r of block i se
 offset r (top-left causal: the kernel's `is_causal` switch, no mask) and the keys of block i - 1 from offset r
 on (anti-causal: causal again once queries and keys of the tile are both reversed). The two softmaxes are
 merged by their log-sum-exps. Only attended pairs are computed (plus the kernel's own diagonal waste), and no
-mask tensor is read: on CPU a float mask costs 3-19% of the kernel time (128- to 768-query tiles) and
-128-query tiles run its GEMMs with 32-row splits, which together held the masked-tile path to ~61% of the ideal speedup.
-
-Measured (scripts/bench_sparse.py, sink 4 + window 2048, 32k): 64-71% of the ideal speedup; the two kernel
-calls alone reach 76% (the kernel computes each 256-row diagonal block whole: ~12% more pairs than attended).
+mask tensor is read: on CPU a float mask costs a share of the kernel time and small tiles run its GEMMs in small
+splits, which is what holds the masked-tile path back (scripts/bench_sparse.py; evals/results/bench_sparse.json).
 Inference only: the LSE of torch's CPU flash kernel carries no gradient.
 """
 from __future__ import annotations
 
 import torch
+
+from .primitives import cpu_flash_forward, merge_lse
 
 # Blocks of at least this many queries (window - 1): below it torch's CPU flash kernel splits its queries in small
 # GEMMs and the masked tiles are faster (the crossover was measured with scripts/bench_sparse.py).
@@ -68,7 +67,7 @@ def _buffer(work: dict, name: str, like: torch.Tensor, shape: tuple) -> torch.Te
 
 def _halves_block(query, key, value, out, lse, *, first, delta, t, scale, sinks, work):
     """causal_halves_window on the block of t = window - 1 queries starting at `first`."""
-    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kernel = cpu_flash_forward
     n = 1  # one block per call (the block views below are written for any count)
     hq, hkv = query.shape[0], key.shape[0]
     groups = hq // hkv
@@ -116,11 +115,8 @@ def _halves_block(query, key, value, out, lse, *, first, delta, t, scale, sinks,
         o_prev, l_prev = o_prev[:, :, ns:], l_prev[:, :, ns:].float()
         l_own = l_diag[p0:].float()
         l_prev = l_prev.flip(-1)
-        total = torch.logaddexp(l_own, l_prev)
-        # out = o_diag * exp(l_diag - total) + o_prev * exp(l_prev - total), with the two weights summing to
-        # one: a single lerp from the previous half (back in row order) towards the own half.
         o_back = torch.index_select(o_prev, 2, reverse, out=_buffer(work, "o", o_prev, (m,) + o_prev.shape[1:]))
-        torch.lerp(o_back, o_diag[p0:], torch.exp(l_own - total).unsqueeze(-1).to(o_diag.dtype),
-                   out=out_blocks[p0:, heads])
+        # the previous half (back in row order) merged with the own half, written straight into the output
+        total = merge_lse(o_diag[p0:], l_own, o_back, l_prev, out=out_blocks[p0:, heads])[1]
         if lse_blocks is not None:
             lse_blocks[p0:, heads] = total

@@ -13,19 +13,15 @@ Backends:
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 from .masks import AttentionMask
+from .primitives import (MATH_QUERY_CHUNK, cpu_flash_forward, cuda_efficient_forward, flash_attn_available,
+                         softmax_lse)
 
 BACKENDS = ("auto", "sdpa", "flex", "flash", "math")
-MATH_QUERY_CHUNK = 1024  # the math kernel holds at most chunk x K scores at once
-
-
-def flash_attn_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def choose_backend(query: torch.Tensor, mask: AttentionMask | None, softcap: float | None,
@@ -35,8 +31,7 @@ def choose_backend(query: torch.Tensor, mask: AttentionMask | None, softcap: flo
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {requested!r}")
     needs_grad = torch.is_grad_enabled() and query.requires_grad
     if requested == "auto":
-        if (query.is_cuda and flash_attn_available() and query.dtype in (torch.float16, torch.bfloat16)
-                and mask is not None and mask.structured):
+        if flash_attn_available(query) and mask is not None and mask.structured:
             return "flash"
         if softcap is None:
             return "sdpa"
@@ -129,12 +124,10 @@ def sdpa_tensors(q, k, v, attn_mask: torch.Tensor | None, *, is_causal: bool, sc
     if q.is_cuda:
         if bias is not None:
             bias = bias.expand(*q.shape[:-1], k.shape[-2])
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, is_causal, scale=scale)[:2]
+        out, lse = cuda_efficient_forward(q, k, v, bias, True, 0.0, is_causal, scale=scale)[:2]
         lse = lse[..., :q_len]  # the CUDA kernel pads the LSE's query dimension
     else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+        out, lse = cpu_flash_forward(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
     lse = lse.float()
     if attn_mask is not None:  # a query with no allowed key gets LSE -inf (the kernels report 0)
         lse = lse.masked_fill(~attn_mask.any(-1).expand_as(lse), float("-inf"))
@@ -225,9 +218,7 @@ def _math(q, k, v, mask: AttentionMask, *, scale, softcap, dropout, return_lse):
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
         m = allowed[:, :, start:start + MATH_QUERY_CHUNK]
-        scores = scores.float().masked_fill(~m, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(-1e30)).nan_to_num(0.0)
+        probs, lse = softmax_lse(scores.float().masked_fill(~m, float("-inf")))
         outs.append(torch.matmul(probs.to(v.dtype), v))
         lses.append(lse)
     out = torch.cat(outs, dim=2)

@@ -13,6 +13,7 @@ import torch
 
 from . import causal_halves
 from .masks import AttentionMask
+from .primitives import softmax_lse
 
 
 def local_key_index(mask: AttentionMask, block_size: int, span: int | None, sinks: tuple[int, int] | None = None
@@ -115,9 +116,7 @@ def gathered_attention(query, key, value, mask: AttentionMask, key_index: torch.
 
 def _explicit(q, k, v, allowed, scale, softcap):
     scores = softcap * torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap)
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.clamp_min(-1e30).unsqueeze(-1))  # all-masked rows: 0, not nan
+    probs, lse = softmax_lse(scores.float().masked_fill(~allowed, float("-inf")))
     return torch.matmul(probs.to(v.dtype), v), lse
 
 def strided_window_attention(query, key, value, mask: AttentionMask, *, span: int,
@@ -302,9 +301,10 @@ def _merge_sinks(query, key, value, mask, out, lse, span, sink_positions, scale,
             ).view(b, 1, 1, 1)
     allowed = (mask.fn(rows, torch.zeros_like(rows), q_abs, k_abs) & (q_abs - k_abs >= span)
                & present.view(b, 1, 1, n))
+    # The sinks' scores join the window's finished softmax (not a merge of two finished results: the sink
+    # probabilities are normalised by the joint log-sum-exp in one step).
     s = (torch.matmul(query, ks.transpose(-1, -2)) * scale).float().masked_fill(~allowed, float("-inf"))
-    s_lse = torch.logsumexp(s, dim=-1)
-    total = torch.logaddexp(lse, s_lse)
+    total = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
     w_win = torch.exp(lse - total).nan_to_num(0.0).unsqueeze(-1)
     p_sink = torch.exp(s - total.unsqueeze(-1)).nan_to_num(0.0)
     if out.dtype == torch.float32 and not out.requires_grad:

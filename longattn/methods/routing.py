@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.masks import AttentionMask
+from ..kernels.primitives import softmax_lse
 from .base import AttendCall, AttentionMethod, check
 
 
@@ -68,8 +69,7 @@ def clustered_attention(query, key, value, mask: AttentionMask, q_cluster, k_clu
     s_own = (qc * k_own).sum(-1).float() * scale
     scores = torch.cat([scores.masked_fill(~allowed, float("-inf")),
                         s_own.masked_fill(~own_ok, float("-inf")).unsqueeze(-1)], dim=-1)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse.clamp_min(-1e30)).to(value.dtype)
+    probs = softmax_lse(scores)[0].to(value.dtype)
     out_c = torch.matmul(probs[..., :-1], vc) + probs[..., -1:] * v_own  # [B, H, C, Wq, D]
     out = out_c.flatten(2, 3).gather(2, q_slot.unsqueeze(-1).expand(-1, -1, -1, d))  # back to query order
     pairs = int(allowed.sum() + own_ok.sum()) // (b * hq)

@@ -15,21 +15,14 @@ testable on CPU).
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
 from ..kernels.dense import repeat_kv, sdpa_tensors
-
-_cpu_forward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_cpu_backward_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+from ..kernels.primitives import (MATH_QUERY_CHUNK, cpu_flash_backward, cpu_flash_forward, flash_attn_available,
+                                  softmax_lse)
 
 BLOCK_BACKENDS = ("auto", "sdpa", "flash", "math")
-MATH_CHUNK = 1024  # query rows per step of the math kernels: at most chunk x K scores at once
-
-
-def flash_attn_usable(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None
 
 
 def check_backend(backend: str) -> None:
@@ -39,9 +32,9 @@ def check_backend(backend: str) -> None:
 
 def block_forward(q, k, v, mask: torch.Tensor | None, is_causal: bool, scale: float, backend: str = "auto"):
     """(out [B, Hq, Q, D] in q's dtype, lse [B, Hq, Q] float32; -inf and out 0 for a row with no key)."""
-    if backend == "flash" and not flash_attn_usable(q):
+    if backend == "flash" and not flash_attn_available(q):
         raise RuntimeError("block backend 'flash' needs CUDA half-precision tensors and the flash-attn package")
-    if backend in ("auto", "flash") and mask is None and flash_attn_usable(q):
+    if backend in ("auto", "flash") and mask is None and flash_attn_available(q):
         from flash_attn import flash_attn_func
 
         # flash-attn: [B, S, H, D], GQA native, causal bottom-right aligned (= top-left on a square diagonal).
@@ -67,7 +60,7 @@ def block_backward(dout, q, k, v, out, lse, mask: torch.Tensor | None, is_causal
     if backend == "math" or q.is_cuda:
         return _math_backward(dout, q, k, v, out, lse, mask, is_causal, scale)
     k, v, groups = _cpu_kv(q, k, v)
-    dq, dk, dv = _cpu_backward_kernel(_rows(dout), _rows(q), k, v, _rows(out), _rows(lse.to(torch.float32)), 0.0,
+    dq, dk, dv = cpu_flash_backward(_rows(dout), _rows(q), k, v, _rows(out), _rows(lse.to(torch.float32)), 0.0,
                                       is_causal, attn_mask=_bias(mask, q), scale=scale)
     if groups > 1:  # expanded K/V (older torch): query heads h * groups ... h * groups + groups - 1 share KV head h
         dk = dk.unflatten(1, (dk.shape[1] // groups, groups)).sum(2)
@@ -83,12 +76,12 @@ def cpu_kernels_take_gqa() -> bool:
     q, k, v, dout = (torch.randn(1, h, 8, 4, generator=g) for h in (4, 2, 2, 4))
     kr, vr = repeat_kv(k, 2), repeat_kv(v, 2)
     try:
-        out, lse = _cpu_forward_kernel(q, k, v, 0.0, True, scale=0.5)
-        dq, dk, dv = _cpu_backward_kernel(dout, q, k, v, out, lse, 0.0, True, scale=0.5)
+        out, lse = cpu_flash_forward(q, k, v, 0.0, True, scale=0.5)
+        dq, dk, dv = cpu_flash_backward(dout, q, k, v, out, lse, 0.0, True, scale=0.5)
     except RuntimeError:
         return False
-    ref_out, ref_lse = _cpu_forward_kernel(q, kr, vr, 0.0, True, scale=0.5)
-    ref = _cpu_backward_kernel(dout, q, kr, vr, ref_out, ref_lse, 0.0, True, scale=0.5)
+    ref_out, ref_lse = cpu_flash_forward(q, kr, vr, 0.0, True, scale=0.5)
+    ref = cpu_flash_backward(dout, q, kr, vr, ref_out, ref_lse, 0.0, True, scale=0.5)
     ref_dk, ref_dv = (t.unflatten(1, (2, 2)).sum(2) for t in ref[1:])
     return all(torch.allclose(a, b, atol=1e-5) for a, b in ((out, ref_out), (dq, ref[0]), (dk, ref_dk), (dv, ref_dv)))
 
@@ -114,7 +107,7 @@ def _cpu_kv(q, k, v):
 
 def _cpu_forward(q, k, v, mask, is_causal, scale):
     k, v, _ = _cpu_kv(q, k, v)
-    out, lse = _cpu_forward_kernel(_rows(q), k, v, 0.0, is_causal, attn_mask=_bias(mask, q), scale=scale)
+    out, lse = cpu_flash_forward(_rows(q), k, v, 0.0, is_causal, attn_mask=_bias(mask, q), scale=scale)
     lse = lse.float()
     if mask is not None:  # a row with no allowed key: LSE -inf (the kernel reports 0) and output 0 for the merge
         empty = ~mask.any(-1)
@@ -139,14 +132,13 @@ def _grouped(q, k):
 def _math_forward(q, k, v, mask, is_causal, scale):
     qg, kf, vf = _grouped(q, k), k.float().unsqueeze(2), v.float().unsqueeze(2)
     outs, lses = [], []
-    for start in range(0, q.shape[2], MATH_CHUNK):
-        stop = min(start + MATH_CHUNK, q.shape[2])
+    for start in range(0, q.shape[2], MATH_QUERY_CHUNK):
+        stop = min(start + MATH_QUERY_CHUNK, q.shape[2])
         s = torch.matmul(qg[:, :, :, start:stop], kf.transpose(-1, -2)) * scale
         allowed = _allowed_rows(mask, is_causal, start, stop, k.shape[2], q.device)
         if allowed is not None:
             s = s.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.unsqueeze(-1).clamp_min(-1e30)).nan_to_num(0.0)
+        p, lse = softmax_lse(s)
         outs.append(torch.matmul(p, vf))
         lses.append(lse)
     out = torch.cat(outs, dim=3).flatten(1, 2).to(q.dtype)
@@ -161,8 +153,8 @@ def _math_backward(dout, q, k, v, out, lse, mask, is_causal, scale):
     dq = torch.empty_like(qg)
     dk = torch.zeros_like(kf.squeeze(2))
     dv = torch.zeros_like(dk)
-    for start in range(0, q.shape[2], MATH_CHUNK):
-        stop = min(start + MATH_CHUNK, q.shape[2])
+    for start in range(0, q.shape[2], MATH_QUERY_CHUNK):
+        stop = min(start + MATH_QUERY_CHUNK, q.shape[2])
         s = torch.matmul(qg[:, :, :, start:stop], kf.transpose(-1, -2)) * scale
         p = torch.exp(s - lseg[..., start:stop].unsqueeze(-1))
         allowed = _allowed_rows(mask, is_causal, start, stop, k.shape[2], q.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.primitives import merge_lse
 from .blocks import block_backward, block_forward
 from .patterns import CAUSAL_DIAGONAL, EMPTY, PARTIAL, BlockPattern, Run
 
@@ -49,10 +50,7 @@ def _pairs(q_runs: list[Run], k_runs: list[Run], pattern: BlockPattern):
 def merge_block(out: torch.Tensor, lse: torch.Tensor, out_blk: torch.Tensor, lse_blk: torch.Tensor) -> None:
     """out, lse (float32 views, updated in place) <- the exact softmax merge with one more block. `out_blk` is
     scratch (a kernel's fresh output): it is scaled in place instead of into another block-sized tensor."""
-    new = torch.logaddexp(lse, lse_blk)
-    ref = new.masked_fill(torch.isneginf(new), 0.0)  # rows with no key yet: keep both weights at 0, not NaN
-    out.mul_(torch.exp(lse - ref).unsqueeze(-1)).add_(out_blk.float().mul_(torch.exp(lse_blk - ref).unsqueeze(-1)))
-    lse.copy_(new)
+    lse.copy_(merge_lse(out_blk.float(), lse_blk, out, lse, out=out)[1])
 
 
 def attend_runs(q, k, v, q_runs, k_runs, pattern: BlockPattern, scale: float, backend: str,
