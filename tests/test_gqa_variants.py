@@ -63,7 +63,7 @@ def tensors(seed=0, b=2, hq=8, hkv=4, s=13, d=8):
 
 
 def test_allocation_rule_matches_reference_and_sums_to_heads():
-    from longattn.methods.grouped import allocate
+    from longattn.methods.key_driven_gqa import allocate
 
     g = torch.Generator().manual_seed(3)
     for _ in range(200):

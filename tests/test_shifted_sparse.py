@@ -4,7 +4,7 @@ import torch
 
 import longattn
 from longattn.kernels import AttentionMask, dense_attention
-from longattn.methods import AttendCall, ShiftedSparse, SinkShiftedSparse
+from longattn.methods import AttendCall, S2Attn, SFAttn
 from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
 
 
@@ -62,10 +62,10 @@ def run_both(method, s, mask_fn, backend_mask):
 
 @pytest.mark.parametrize("g, s", [(8, 32), (4, 24), (32, 32)])
 def test_s2_attn_equals_rolled_group_mask_with_gradients(g, s):
-    run_both(ShiftedSparse(group_size=g), s, lambda pad: s2_mask(s, g, 4, pad), None)
+    run_both(S2Attn(group_size=g), s, lambda pad: s2_mask(s, g, 4, pad), None)
     causal = AttentionMask.causal(s)
     call = AttendCall(scale=0.25)
-    ShiftedSparse(group_size=g).attend(*(torch.randn(1, 2, s, 8) for _ in range(3)), causal, call)
+    S2Attn(group_size=g).attend(*(torch.randn(1, 2, s, 8) for _ in range(3)), causal, call)
     assert call.attended_pairs == int(s2_mask(s, g, 2, torch.ones(1, s, dtype=torch.bool))[0, 0].sum())
 
 
@@ -75,10 +75,10 @@ def test_sf_attn_equals_explicit_mask_with_gradients(backend, g, sinks, s, monke
     from longattn.kernels import gathered
 
     monkeypatch.setattr(gathered, "GATHER_BLOCK", 8)
-    run_both(SinkShiftedSparse(group_size=g, sink_tokens=sinks, backend=backend), s,
+    run_both(SFAttn(group_size=g, sink_tokens=sinks, backend=backend), s,
              lambda pad: sf_mask(s, g, sinks, 4, pad), None)
     explicit = sf_mask(s, g, sinks, 2, torch.ones(1, s, dtype=torch.bool))
-    assert SinkShiftedSparse(group_size=g, sink_tokens=sinks).computed_pairs(AttentionMask.causal(s)) == \
+    assert SFAttn(group_size=g, sink_tokens=sinks).computed_pairs(AttentionMask.causal(s)) == \
         int(explicit.sum()) // 2
 
 
@@ -104,14 +104,14 @@ def test_s2_attn_trains_through_a_model():
 def test_errors():
     q = torch.randn(1, 4, 20, 8)
     with pytest.raises(ValueError, match="multiple of group_size"):
-        ShiftedSparse(group_size=8).attend(q, q, q, AttentionMask.causal(20), AttendCall(scale=0.3))
+        S2Attn(group_size=8).attend(q, q, q, AttentionMask.causal(20), AttendCall(scale=0.3))
     with pytest.raises(ValueError, match="even number of query and key/value heads"):
-        ShiftedSparse(group_size=4).attend(q[:, :3], q[:, :3], q[:, :3], AttentionMask.causal(20),
+        S2Attn(group_size=4).attend(q[:, :3], q[:, :3], q[:, :3], AttentionMask.causal(20),
                                            AttendCall(scale=0.3))
     with pytest.raises(ValueError, match="'group_size' must be an even integer >= 2"):
-        SinkShiftedSparse(group_size=5)
+        SFAttn(group_size=5)
     with pytest.raises(ValueError, match="'sink_tokens' must be an integer >= 0"):
-        SinkShiftedSparse(sink_tokens=-1)
+        SFAttn(sink_tokens=-1)
 
 
 @pytest.mark.parametrize("name", ["s2_attn", "sf_attn"])

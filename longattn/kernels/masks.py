@@ -57,7 +57,7 @@ def dilated_window(window: int, dilation: int) -> MaskFn:
     return allowed
 
 
-def grouped(group_size: int, shift: int = 0, sink_tokens: int = 0,
+def shifted_groups(group_size: int, shift: int = 0, sink_tokens: int = 0,
             first_token: torch.Tensor | None = None) -> MaskFn:
     """Causal attention within groups of `group_size` positions, the groups starting at -shift (so with
     shift = group_size / 2 the first group holds only group_size / 2 positions), plus the first `sink_tokens`

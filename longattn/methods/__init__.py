@@ -14,10 +14,10 @@ from .dilated import Dilated
 from .head_hybrid import HeadHybrid
 from .kdgqa import KeyDistributedGQA
 from .logn import LogNScaling
-from .longlora import ShiftedSparse
+from .s2_attn import S2Attn
 from .pgqa import PerturbedGQA
 from .routing import Routing
-from .sf_attn import SinkShiftedSparse
+from .sf_attn import SFAttn
 from .sink_window import SinkWindow
 from .ssa import SelectiveAttention
 from .sliding_window import SlidingWindow
@@ -26,7 +26,7 @@ from .yarn_temperature import YarnTemperature
 
 # name -> spec class; a new method adds one line here.
 METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
-    BlockTopK, Dense, Dilated, HeadHybrid, LogNScaling, Routing, ShiftedSparse, SinkShiftedSparse, SinkWindow, SlidingWindow,
+    BlockTopK, Dense, Dilated, HeadHybrid, LogNScaling, Routing, S2Attn, SFAttn, SinkWindow, SlidingWindow,
     VerticalSlash, YarnTemperature,
     AttentionCalibration, DynamicGQA, KeyDistributedGQA, PerturbedGQA, SelectiveAttention)}
 
@@ -67,5 +67,5 @@ def build_spec(registry: dict, kind: str, name: str, params: dict):
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "SelectiveAttention", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "HeadHybrid", "LogNScaling", "METHODS", "MethodInfo", "Routing", "ShiftedSparse", "SinkShiftedSparse", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
+__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "SelectiveAttention", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "HeadHybrid", "LogNScaling", "METHODS", "MethodInfo", "Routing", "S2Attn", "SFAttn", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
            "make_method", "method_infos"]

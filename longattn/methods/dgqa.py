@@ -7,7 +7,7 @@ import torch
 
 from ..kernels.dense import BACKENDS
 from .base import AttendCall, AttentionMethod, check
-from .grouped import allocate, allocated_attention, head_to_kv, key_head_norms, uniform_counts
+from .key_driven_gqa import allocate, allocated_attention, head_to_kv, key_head_norms, uniform_counts
 
 STATE_ATTR = "_longattn_dgqa"  # per attention module: {"ema": [Hkv], "counts": [Hkv], "step": int}
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..kernels.dense import BACKENDS
 from .base import AttendCall, AttentionMethod, check
-from .grouped import allocate, allocated_attention, head_to_kv, key_head_norms
+from .key_driven_gqa import allocate, allocated_attention, head_to_kv, key_head_norms
 
 
 @dataclass

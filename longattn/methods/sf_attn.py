@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.gathered import LOCAL_BACKENDS, local_attention
-from ..kernels.masks import AttentionMask, grouped
+from ..kernels.masks import AttentionMask, shifted_groups
 from .base import AttendCall, AttentionMethod, check, group_for_density
 
 
 @dataclass
-class SinkShiftedSparse(AttentionMethod):
+class SFAttn(AttentionMethod):
     """SF-Attn (Zhang 2024, SinkLoRA, arXiv:2406.05678): like LongLoRA's S2-Attn, half of the heads attend
     within groups of `group_size` and half within groups shifted by half a group, but the shifted groups are
     reassembled instead of wrapped (the first shifted group is a half group), and every query also attends to
@@ -74,7 +74,7 @@ class SinkShiftedSparse(AttentionMethod):
         first = mask.first_real_token()
         outs = []
         for half, shift in ((0, 0), (1, self.group_size // 2)):
-            pattern = mask.restrict(grouped(self.group_size, shift, self.sink_tokens, first),
+            pattern = mask.restrict(shifted_groups(self.group_size, shift, self.sink_tokens, first),
                                     cache_key=(repr(self), shift))
             q = query[:, half * hq // 2:(half + 1) * hq // 2]
             k = key[:, half * hkv // 2:(half + 1) * hkv // 2]

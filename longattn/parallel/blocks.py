@@ -124,13 +124,13 @@ def _allowed_rows(mask, is_causal, start, stop, k_len, device):
     return None
 
 
-def _grouped(q, k):
+def _by_kv_head(q, k):
     """q [B, Hq, Q, D] -> [B, Hkv, G, Q, D] float32, so that GQA needs no repeated keys."""
     return q.float().unflatten(1, (k.shape[1], q.shape[1] // k.shape[1]))
 
 
 def _math_forward(q, k, v, mask, is_causal, scale):
-    qg, kf, vf = _grouped(q, k), k.float().unsqueeze(2), v.float().unsqueeze(2)
+    qg, kf, vf = _by_kv_head(q, k), k.float().unsqueeze(2), v.float().unsqueeze(2)
     outs, lses = [], []
     for start in range(0, q.shape[2], MATH_QUERY_CHUNK):
         stop = min(start + MATH_QUERY_CHUNK, q.shape[2])
@@ -146,8 +146,8 @@ def _math_forward(q, k, v, mask, is_causal, scale):
 
 
 def _math_backward(dout, q, k, v, out, lse, mask, is_causal, scale):
-    qg, kf, vf = _grouped(q, k), k.float().unsqueeze(2), v.float().unsqueeze(2)
-    dog, og = _grouped(dout, k), _grouped(out, k)
+    qg, kf, vf = _by_kv_head(q, k), k.float().unsqueeze(2), v.float().unsqueeze(2)
+    dog, og = _by_kv_head(dout, k), _by_kv_head(out, k)
     lseg = lse.float().unflatten(1, (k.shape[1], q.shape[1] // k.shape[1]))
     delta = (dog * og).sum(-1)  # rowsum(dO * O): the softmax Jacobian's correction term
     dq = torch.empty_like(qg)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..kernels.dense import dense_attention
-from ..kernels.grouped import shifted_group_attention
+from ..kernels.shifted_groups import shifted_group_attention
 from .base import AttendCall, AttentionMethod, check, group_for_density
 
 
 @dataclass
-class ShiftedSparse(AttentionMethod):
+class S2Attn(AttentionMethod):
     """S2-Attn (Chen et al. 2023, LongLoRA, arXiv:2309.12307): the sequence is cut into groups of
     `group_size` (a quarter of the training length in the paper); half of the heads attend causally within
     the groups, the other half within groups shifted by half a group, so information flows between groups.
