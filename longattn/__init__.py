@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 
 
 def methods() -> list[MethodInfo]:
-    """Every attention method: name, one-line summary, paper reference and parameters with defaults."""
+    """Every attention method: name, one-line summary, paper reference and parameters with defaults; model edits
+    (SSA) name the call that adds their parameters (`model_edit`). KV-cache policies: `POLICIES`."""
     return method_infos()
 
 

@@ -45,9 +45,16 @@ def _cmd_methods(args) -> int:
 
     from . import POLICIES, methods, recipe_names
 
-    for info in methods():
-        params = ", ".join(f"{k}={v!r}" for k, v in info.params.items()) or "-"
-        print(f"{info.name:16s} {info.summary}\n{'':16s} params: {params}\n{'':16s} paper: {info.paper}")
+    infos = methods()
+    groups = (("Attention methods (longattn.patch(model, method, ...)):", [i for i in infos if not i.model_edit]),
+              ("\nModel edits (new trainable parameters; the call adds them, then patches):",
+               [i for i in infos if i.model_edit]))
+    for title, group in groups:
+        print(title)
+        for info in group:
+            params = ", ".join(f"{k}={v!r}" for k, v in info.params.items()) or "-"
+            edit = f"\n{'':16s} added by: {info.model_edit}" if info.model_edit else ""
+            print(f"{info.name:16s} {info.summary}\n{'':16s} params: {params}\n{'':16s} paper: {info.paper}{edit}")
     print("\nKV-cache policies (longattn.patch(model, policy, kv_budget=...) or kv_cache={'policy': ...}):")
     for name, cls in sorted(POLICIES.items()):
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))

@@ -24,6 +24,7 @@ METHOD_CASES = {
     "sliding_window": MethodCase({"window": 5}),
     "sink_window": MethodCase({"sink_tokens": 2, "window": 5}),
     "dilated": MethodCase({"window": 6, "dilation": 2}),
+    "strided": MethodCase({"window": 3, "stride": 4}),
     "head_hybrid": MethodCase({"full_heads": {0: [0, 1], 2: [0]}, "sink_tokens": 2, "window": 5},
                               reference="tests/test_head_hybrid.py"),
     # Blocks are fixed runs of cache positions (Quest's pages): left padding moves their boundaries.

@@ -1,11 +1,11 @@
-"""Mask-defined sparse methods (sliding window, sinks + window, dilated): each equals dense attention with
-the explicit boolean mask it claims, in prefill and decode, and reports the density it computed."""
+"""Mask-defined sparse methods (sliding window, sinks + window, dilated, strided): each equals dense attention
+with the explicit boolean mask it claims, in prefill and decode, and reports the density it computed."""
 import pytest
 import torch
 
 import longattn
 from longattn.kernels import AttentionMask, dense_attention
-from longattn.methods import AttendCall, Dilated, SinkWindow, SlidingWindow
+from longattn.methods import AttendCall, Dilated, SinkWindow, SlidingWindow, Strided
 from conftest import assert_decode_matches_prefill, left_padded_batch, make_model
 
 
@@ -19,6 +19,8 @@ def claimed(method, q, k, first_real):
         return q - k < method.window or first_real <= k < first_real + method.sink_tokens
     if isinstance(method, Dilated):
         return (q - k) % method.dilation == 0 and (q - k) // method.dilation < method.window
+    if isinstance(method, Strided):
+        return q - k < method.window or (q - k) % method.stride == 0
     raise AssertionError(method)
 
 
@@ -38,6 +40,8 @@ def explicit_mask(method, attention_mask, q_len=None, model_window=None):
 
 METHODS = [SlidingWindow(window=5), SinkWindow(sink_tokens=2, window=4), SinkWindow(sink_tokens=0, window=3),
            Dilated(window=4, dilation=3), Dilated(window=30, dilation=2)]
+# Positional methods on the dense kernels only (no gathered kernel of their own).
+PREDICATE_METHODS = [Strided(window=3, stride=4), Strided(window=1, stride=5)]
 
 
 @pytest.fixture(params=[128, 4], ids=["block128", "block4_halves"])
@@ -68,7 +72,35 @@ def test_kernel_level_equals_explicit_mask(method, backend, gather_block):
     torch.testing.assert_close(got * rows, ref * rows, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=repr)
+@pytest.mark.parametrize("method", PREDICATE_METHODS, ids=repr)
+@pytest.mark.parametrize("backend", ["sdpa", "math", "flex", "auto"])
+def test_predicate_method_equals_explicit_mask_with_gradients(method, backend):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 23, 16, generator=g) * 2 for h in (4, 2, 2))
+    pad = torch.ones(2, 23, dtype=torch.bool)
+    pad[1, :4] = False
+    allowed = explicit_mask(method, pad)
+    rows = allowed.any(-1, keepdim=True)
+    method = type(method)(**{**method.params(), "backend": backend})
+    differentiable = backend != "flex"  # FlexAttention has no backward on CPU
+
+    def run(attention):
+        leaves = [x.clone().requires_grad_(differentiable) for x in (q, k, v)]
+        out = attention(*leaves) * rows
+        if differentiable:
+            out.square().sum().backward()
+        return out.detach(), [x.grad for x in leaves]
+
+    ref, ref_grads = run(lambda *t: dense_attention(*t, AttentionMask.from_tensor(allowed), scale=0.25,
+                                                    backend="math"))
+    got, got_grads = run(lambda *t: method.attend(*t, AttentionMask.causal(23, batch_size=2, padding=pad),
+                                                  AttendCall(scale=0.25)))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    for a, b in zip(got_grads, ref_grads):
+        assert (a is None) == (not differentiable) and (a is None or torch.allclose(a, b, atol=1e-4, rtol=0))
+
+
+@pytest.mark.parametrize("method", METHODS + PREDICATE_METHODS, ids=repr)
 @pytest.mark.parametrize("arch, model_window", [("llama", None), ("mistral", 8)])
 def test_model_logits_equal_explicit_4d_mask(method, arch, model_window, gather_block):
     """(With 4-query tiles, the strided path runs on transformers' own mask predicates and padding.)"""
@@ -92,7 +124,7 @@ def test_decode_token_by_token_equals_prefill(method, backend, gather_block):
     assert_decode_matches_prefill(model, ids)
 
 
-@pytest.mark.parametrize("method", METHODS + [longattn.Dense()], ids=repr)
+@pytest.mark.parametrize("method", METHODS + PREDICATE_METHODS + [longattn.Dense()], ids=repr)
 @pytest.mark.parametrize("q_len, kv_len, model_window", [(23, 23, None), (1, 40, None), (7, 30, None),
                                                          (23, 23, 6), (1, 40, 6)])
 def test_computed_pairs_match_the_explicit_mask(method, q_len, kv_len, model_window):
@@ -127,6 +159,9 @@ def test_density_meter_reports_prefill_and_decode():
     (SinkWindow, {"backend": "flash"}, r"flash-attn cannot express sinks"),
     (Dilated, {"dilation": 0}, r"'dilation' must be an integer >= 1"),
     (Dilated, {"window": 1.5}, r"'window' must be an integer >= 1"),
+    (Strided, {"stride": 0}, r"'stride' must be an integer >= 1"),
+    (Strided, {"window": 2.0}, r"'window' must be an integer >= 1"),
+    (Strided, {"backend": "gathered"}, r"'backend' must be one of auto, sdpa, flex, math"),
 ])
 def test_bad_parameters(cls, params, message):
     with pytest.raises(ValueError, match=message):

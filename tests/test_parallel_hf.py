@@ -10,7 +10,9 @@ import longattn
 from longattn.parallel import (SequenceParallel, ShardLayout, parallel_groups, sequence_parallel_loss, shift_labels,
                                sync_gradients)
 from longattn.parallel.launch import run_distributed
+from longattn.methods.base import sequence_parallel_methods
 from conftest import make_model
+from registry import METHOD_CASES
 
 # Loss: max abs difference. Gradients: max abs difference of each parameter's gradient divided by the largest
 # entry of that gradient (fp32, summation order differs across ranks).
@@ -20,9 +22,12 @@ CASES = [  # (name, arch, config overrides, method, method params, strategy, lay
     ("llama-gqa-dense-ring", "llama", {}, "dense", {}, "ring", "zigzag"),
     ("llama-mha-dense-ring-contiguous", "llama", {"num_key_value_heads": 4}, "dense", {}, "ring", "contiguous"),
     ("llama-gqa-dense-ulysses", "llama", {}, "dense", {}, "ulysses", "zigzag"),
-    ("llama-window-ring", "llama", {}, "sliding_window", {"window": 6}, "ring", "zigzag"),
-    ("llama-sinks-ring", "llama", {}, "sink_window", {"sink_tokens": 2, "window": 6}, "ring", "zigzag"),
     ("mistral-own-window-ring", "mistral", {}, "dense", {}, "ring", "zigzag"),
+    # the method's sinks within the model's own window of 8 only, as the single-process mask has them
+    ("mistral-own-window-sinks-ring", "mistral", {}, "sink_window", {"sink_tokens": 2, "window": 5}, "ring", "zigzag"),
+] + [  # every method that runs sequence-parallel, with its registry parameters
+    (f"llama-{name}-ring", "llama", {}, name, METHOD_CASES[name].params, "ring", "zigzag")
+    for name in sequence_parallel_methods() if name != "dense"
 ]
 # 4 ranks only: Ulysses over pairs of ranks (2 KV heads each), ring across the pairs
 USP_CASE = ("llama-gqa-sinks-usp", "llama", {}, "sink_window", {"sink_tokens": 2, "window": 20}, "usp", "zigzag")
@@ -103,7 +108,7 @@ def errors_worker(rank, world):
     model = make_model("llama")
     for key, call in {
         "size": lambda: longattn.patch(model, "dense", sequence_parallel=world + 1),
-        "method": lambda: longattn.patch(model, "dilated", sequence_parallel=world),
+        "method": lambda: longattn.patch(model, "block_topk", sequence_parallel=world),
         "layers": lambda: longattn.patch(model, "dense", layers=[0], sequence_parallel=world),
     }.items():
         try:
@@ -128,7 +133,7 @@ def errors_worker(rank, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_hf_model_under_sequence_parallel_matches_single_process(world):
-    """Six set-ups on 2 ranks (plus the error checks, sharing the process group), two on 4."""
+    """The set-ups on 2 ranks (plus the error checks, sharing the process group), two on 4."""
     cases = CASES if world == 2 else CASES[:1] + [USP_CASE]
     per_rank = run_distributed(hf_worker, world, cases, timeout_s=170)
     for rank, (results, _) in enumerate(per_rank):
@@ -150,7 +155,7 @@ def test_hf_model_under_sequence_parallel_matches_single_process(world):
 
 def check_error_messages(msgs):
     assert "requested size 3 but the process group has 2 ranks" in msgs["size"]
-    assert msgs["method"].startswith("NotImplementedError") and "'dilated'" in msgs["method"]
+    assert msgs["method"].startswith("NotImplementedError") and "'block_topk'" in msgs["method"]
     assert "every attention layer" in msgs["layers"]
     assert "position_ids are not its zigzag shard" in msgs["positions"]
     assert "padding masks" in msgs["padding"]

@@ -182,6 +182,9 @@ def test_cli_help_and_methods(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "dense" in out and "backend='auto'" in out
+    edits = out.index("Model edits")  # SSA adds parameters: listed apart from the methods, with the call that adds them
+    assert out.index("\nssa ") > edits > out.index("\nsink_window ")
+    assert "added by: longattn.add_selective_attention(model)" in out
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "methods" in capsys.readouterr().out

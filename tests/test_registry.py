@@ -1,13 +1,14 @@
 """The shared matrix every attention method and KV policy of the registries runs (cases in tests/registry.py):
 patch / unpatch, padded batches, GQA, generate, decode = prefill where claimed, density, the explicit-mask
-reference for positional patterns, and for policies the budget and padded-equals-alone."""
+reference for positional patterns and their composition with a KV policy, and for policies the budget and
+padded-equals-alone."""
 from pathlib import Path
 
 import pytest
 import torch
 
 import longattn
-from longattn.kvcache import POLICIES
+from longattn.kvcache import POLICIES, CompressedLayer
 from longattn.methods import METHODS, make_method
 from conftest import eager_logits_with_allowed, left_padded_batch, make_model
 from registry import METHOD_CASES, POLICY_CASES
@@ -97,6 +98,35 @@ def test_positional_method_equals_its_explicit_mask(name):
         got = model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", POSITIONAL)
+def test_positional_method_composes_with_a_kv_policy(name, monkeypatch):
+    """Decoding over a compressed cache, the method attends exactly to the kept keys its pattern allows."""
+    case = METHOD_CASES[name]
+    model, _ = _patched_model(name)
+    longattn.patch(model, name, kv_cache={"policy": "knorm", "kv_budget": 12}, **case.params)
+    pattern = make_method(name, **case.params).position_pattern(None)
+    seen, original = [], CompressedLayer.attend
+
+    def spy(self, query, *args, **kwargs):
+        out = original(self, query, *args, **kwargs)
+        seen.append((self.token_index[:, :, -1:], self.token_index, self.valid, out[1]))
+        return out
+
+    monkeypatch.setattr(CompressedLayer, "attend", spy)
+    ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(9))
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert len(seen) == 3 * 3  # every layer of every decoding step (the first new token comes from the prefill)
+    zero, excluded = torch.zeros((), dtype=torch.long), 0
+    for q_tok, tok, valid, allowed in seen:  # allowed: [B, query heads, 1, kept]; 2 query heads per KV head
+        expect = valid & (tok <= q_tok) & pattern(zero, zero, q_tok, tok)
+        if allowed is None:  # no mask: every kept key
+            assert torch.equal(expect, valid & (tok <= q_tok)), name
+        else:
+            assert torch.equal(allowed[:, ::2, 0], expect), name
+        excluded += int((valid & ~expect).sum())
+    assert (excluded == 0) == (name == "dense"), name  # the pattern drops kept keys: the check can fail
 
 
 @pytest.mark.parametrize("name", sorted(POLICY_CASES))

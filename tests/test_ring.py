@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 
-from longattn.parallel import BlockPattern, ShardLayout, SequenceParallelError, ring_attention
+from longattn.kernels.masks import dilated_window, sinks_and_window
+from longattn.parallel import BlockPattern, MaskBlockPattern, ShardLayout, SequenceParallelError, ring_attention
 from longattn.parallel.launch import run_distributed
 from longattn.parallel.local import attend_runs
-from longattn.parallel.patterns import EMPTY, FULL, run_positions
+from longattn.parallel.patterns import CAUSAL_DIAGONAL, EMPTY, FULL, PARTIAL, run_positions
 
 TOL = 1e-5
 PATTERNS = {
@@ -115,6 +116,38 @@ def test_patterns_classify_and_count_like_brute_force():
                     if kind == FULL:
                         assert m.all(), (pattern, q0, qn, k0, kn)
                     assert pattern.pair_count((q0, qn), (k0, kn)) == int(m.sum()), (pattern, q0, qn, k0, kn)
+
+
+def test_predicate_patterns_classify_like_their_explicit_mask():
+    """A MaskBlockPattern (any predicate) gives the same blocks, kinds and counts as the run-bound pattern where both
+    exist (sinks + window, and within a model's window, which hides the sinks beyond it), and matches a
+    brute-force dilated mask."""
+    def explicit_dilated(q, k):
+        d = q.view(-1, 1) - k.view(1, -1)
+        return (d >= 0) & (d % 3 == 0) & (d < 12)
+
+    cases = [(MaskBlockPattern(sinks_and_window(3, 5)), BlockPattern(window=5, sink_tokens=3).block_mask),
+             (MaskBlockPattern(sinks_and_window(3, 9)).with_window(5), BlockPattern(window=5).block_mask),
+             (BlockPattern(window=5, sink_tokens=3).with_window(8), lambda qr, kr: BlockPattern(
+                 window=5, sink_tokens=3).block_mask(qr, kr) & BlockPattern(window=8).block_mask(qr, kr)),
+             (MaskBlockPattern(dilated_window(4, 3)), lambda qr, kr: explicit_dilated(
+                 torch.arange(qr[0], qr[0] + qr[1]), torch.arange(kr[0], kr[0] + kr[1])))]
+    kinds = set()
+    for pattern, reference in cases:
+        for q0 in range(0, 20, 3):
+            for k0 in range(0, 20, 2):
+                for qn, kn in ((4, 4), (1, 7), (6, 2), (9, 12)):
+                    qr, kr = (q0, qn), (k0, kn)
+                    want = reference(qr, kr)
+                    kind = pattern.classify(qr, kr)
+                    kinds.add(kind)
+                    assert torch.equal(pattern.block_mask(qr, kr), want), (pattern, qr, kr)
+                    assert pattern.pair_count(qr, kr) == int(want.sum()), (pattern, qr, kr)
+                    assert (kind == EMPTY) == (not want.any()) and (kind != FULL or bool(want.all())), (qr, kr)
+        diagonal = torch.equal(reference((4, 4), (4, 4)), torch.ones(4, 4, dtype=torch.bool).tril())
+        assert pattern.classify((4, 4), (4, 4)) == (CAUSAL_DIAGONAL if diagonal else PARTIAL), pattern
+        kinds.add(CAUSAL_DIAGONAL if diagonal else PARTIAL)
+    assert kinds == {EMPTY, FULL, PARTIAL, CAUSAL_DIAGONAL}
 
 
 @pytest.mark.parametrize("native_gqa", [True, False])

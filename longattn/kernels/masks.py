@@ -191,6 +191,21 @@ class AttentionMask:
         sinks = (sink_hi - first + 1).clamp_min(0)
         return int((in_window + sinks).sum())
 
+    def evaluated_pair_count(self, extra: MaskFn, rows: int = 256) -> int:
+        """Like `pair_count`, for any pattern: the causal pairs (within this mask's own window, padding not
+        subtracted) that the predicate `extra` (absolute positions, batch row 0) allows, counted by evaluating
+        it `rows` queries at a time."""
+        k = (torch.arange(self.kv_len) + self.kv_offset).view(1, -1)
+        zero = torch.zeros((), dtype=torch.long)
+        total = 0
+        for start in range(0, self.q_len, rows):
+            q = (torch.arange(start, min(start + rows, self.q_len)) + self.q_offset).view(-1, 1)
+            ok = (k <= q) & extra(zero, zero, q, k)
+            if self.window is not None:
+                ok &= q - k < self.window
+            total += int(ok.sum())
+        return total
+
     def causal_pair_count(self) -> int:
         """Pairs of full causal attention over the same positions: the denominator of attention density."""
         return AttentionMask(self.batch_size, self.q_len, self.kv_len, q_offset=self.q_offset,

@@ -66,6 +66,8 @@ class Entries:
     valid: torch.Tensor
     n_new: int
     compressed: bool
+    # [B] each sequence's first real token, once known: eviction may drop it from some heads or from all
+    start: torch.Tensor | None = None
 
     def attend(self, query, keys, values, pattern, scale: float, softcap: float | None, sliding_window: int | None,
                learned_sinks: torch.Tensor | None = None, selected: torch.Tensor | None = None):
@@ -98,9 +100,11 @@ class Entries:
                                backend="sdpa" if softcap is None else "math", learned_sinks=learned_sinks), allowed
 
     def first_token(self) -> torch.Tensor:
-        """[B] stream index of each sequence's first real (non-pad) token among the entries."""
+        """[B] stream index of each sequence's first real (non-pad) token (where its sinks start)."""
+        if self.start is not None:
+            return self.start
         big = torch.iinfo(torch.long).max
-        return torch.where(self.valid[:, 0], self.token_index[:, 0], big).amin(-1)
+        return torch.where(self.valid, self.token_index, big).flatten(1).amin(-1)
 
 
 class CompressedLayer(DynamicLayer):
@@ -130,6 +134,7 @@ class CompressedLayer(DynamicLayer):
         self.awaiting = False  # update ran, its attention (and eviction) has not
         self.compressed = False  # entries are no longer the plain prefix of the stream
         self.prompt_length: int | None = None
+        self.sequence_start: torch.Tensor | None = None  # [B] first real tokens, recorded before any eviction
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
@@ -188,11 +193,13 @@ class CompressedLayer(DynamicLayer):
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.token_index, self.valid = fn(self.token_index), fn(self.valid)
+        if self.sequence_start is not None:
+            self.sequence_start = fn(self.sequence_start)
         self.entry_state = {k: fn(v) for k, v in self.entry_state.items()}
 
     # ---------------------------------------------------------------------------------- attention side
     def entries(self) -> Entries:
-        return Entries(self.token_index, self.valid, self.n_new, self.compressed)
+        return Entries(self.token_index, self.valid, self.n_new, self.compressed, self.sequence_start)
 
     def attend(self, query, pattern, scale: float, softcap: float | None, sliding_window: int | None,
                learned_sinks: torch.Tensor | None = None, selected: torch.Tensor | None = None):
@@ -241,6 +248,7 @@ class CompressedLayer(DynamicLayer):
         first = self.prompt_length is None
         if first:
             self.prompt_length = self.cumulative_length
+            self.sequence_start = self.entries().first_token()
         if self.leader is not None:
             self.view = None
             last = self.leader.last_eviction
@@ -563,7 +571,8 @@ def is_fresh_cache(cache) -> bool:
         return False
     return all(getattr(layer, "keys", None) is None or layer.keys.numel() == 0 for layer in cache.layers
                if isinstance(layer, DynamicLayer)) and not any(
-        getattr(layer, "is_initialized", False) for layer in cache.layers if not isinstance(layer, (DynamicLayer, DummyLayer)))
+        getattr(layer, "is_initialized", False) for layer in cache.layers
+        if not isinstance(layer, (DynamicLayer, DummyLayer)))
 
 
 def default_pattern(method, layer: "CompressedLayer | Entries"):

@@ -71,7 +71,7 @@ class HeadHybridLayer(CompressedLayer):
         n_kv = len(self.full_heads) + self.keys.shape[1]
         g = query.shape[1] // n_kv
         full, streaming = self._groups(n_kv)
-        stream = Entries(self.token_index, self.valid, self.n_new, True)
+        stream = Entries(self.token_index, self.valid, self.n_new, True, self.sequence_start)
         groups = [(streaming, stream, self.keys, self.values,
                    sinks_and_window(self.policy.sink_tokens, self.policy.pattern_window, stream.first_token()))]
         if full:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +23,27 @@ from .sf_attn import SFAttn
 from .sink_window import SinkWindow
 from .ssa import SelectiveAttention
 from .sliding_window import SlidingWindow
+from .strided import Strided
 from .vertical_slash import VerticalSlash
 from .yarn_temperature import YarnTemperature
 
-# name -> spec class; a new method adds one line here.
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (
-    BlockTopK, Dense, Dilated, HeadHybrid, LogNScaling, Routing, S2Attn, SFAttn, SinkWindow, SlidingWindow,
-    VerticalSlash, YarnTemperature,
-    AttentionCalibration, DynamicGQA, KeyDistributedGQA, PerturbedGQA, SelectiveAttention)}
+
+def _discover() -> dict[str, type[AttentionMethod]]:
+    """name -> spec class, for every named AttentionMethod defined in a module of this package: a new method is
+    its file, nothing more."""
+    found = {}
+    for module in pkgutil.iter_modules(__path__):
+        mod = importlib.import_module(f"{__name__}.{module.name}")
+        for cls in vars(mod).values():
+            if isinstance(cls, type) and issubclass(cls, AttentionMethod) and cls.__module__ == mod.__name__ \
+                    and cls.name:
+                if cls.name in found:
+                    raise RuntimeError(f"two attention methods are named {cls.name!r}: {found[cls.name]} and {cls}")
+                found[cls.name] = cls
+    return dict(sorted(found.items()))
+
+
+METHODS: dict[str, type[AttentionMethod]] = _discover()
 
 
 @dataclass
@@ -39,6 +54,7 @@ class MethodInfo:
     summary: str
     paper: str
     params: dict[str, Any]  # parameter name -> default value
+    model_edit: str = ""  # for a model edit, the call that adds its parameters to the model (then it is patched)
 
 
 def method_infos() -> list[MethodInfo]:
@@ -46,7 +62,7 @@ def method_infos() -> list[MethodInfo]:
     for name, cls in sorted(METHODS.items()):
         params = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                   for f in dataclasses.fields(cls) if f.init}
-        infos.append(MethodInfo(name, cls.summary, cls.paper, params))
+        infos.append(MethodInfo(name, cls.summary, cls.paper, params, cls.model_edit))
     return infos
 
 
@@ -67,5 +83,7 @@ def build_spec(registry: dict, kind: str, name: str, params: dict):
     return cls(**params)
 
 
-__all__ = ["AttendCall", "AttentionCalibration", "DynamicGQA", "KeyDistributedGQA", "PerturbedGQA", "SelectiveAttention", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "HeadHybrid", "LogNScaling", "METHODS", "MethodInfo", "Routing", "S2Attn", "SFAttn", "SinkWindow", "SlidingWindow", "VerticalSlash", "YarnTemperature",
-           "make_method", "method_infos"]
+__all__ = ["AttendCall", "AttentionCalibration", "AttentionMethod", "BlockTopK", "Dense", "Dilated", "DynamicGQA",
+           "HeadHybrid", "KeyDistributedGQA", "LogNScaling", "METHODS", "MethodInfo", "PerturbedGQA", "Routing",
+           "S2Attn", "SFAttn", "SelectiveAttention", "SinkWindow", "SlidingWindow", "Strided", "VerticalSlash",
+           "YarnTemperature", "make_method", "method_infos"]

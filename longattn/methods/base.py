@@ -39,6 +39,8 @@ class AttentionMethod:
     learned_sinks: ClassVar[bool] = False
     # Whether attend() depends on call.layer_idx (per-layer heads, seeds, ...); refused on shared attention modules.
     per_layer: ClassVar[bool] = False
+    # A model edit (new parameters on the model) names the call that adds them; without them its attention fails.
+    model_edit: ClassVar[str] = ""
 
     def __post_init__(self):
         self.validate()
@@ -64,25 +66,46 @@ class AttentionMethod:
         KV cache (whose kept keys are no longer contiguous). `first_token` [B] is each sequence's first real
         token. Methods whose keys depend on the content, or on contiguous blocks, cannot run there."""
         raise ValueError(f"{self.name} cannot attend over a compressed KV cache (its keys are chosen from "
-                         f"contiguous blocks or from their content); compose kv_cache with dense, sliding_window, "
-                         f"sink_window or dilated")
+                         f"contiguous blocks or from their content); compose kv_cache with one of "
+                         f"{kv_cache_methods()}")
+
+    def block_pattern(self):
+        """The pattern for sequence parallelism (longattn.parallel.patterns.BlockPattern), for methods that run
+        sequence-parallel."""
+        raise NotImplementedError(f"sequence_parallel runs the methods {sequence_parallel_methods()}; {self.name!r} "
+                                  f"has no block pattern for it")
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-
-
-def window_for_density(method: AttentionMethod, default_window: int, sink_tokens: int = 0, dilation: int = 1) -> None:
-    """Window family: when `density` is given, set `window` to the smallest window whose attention density
-    (attended / causal pairs) over a causal sequence of `density_length` tokens reaches it."""
-    size_for_density(method, "window", default_window,
-                     lambda w, mask: mask.pair_count(w, sink_tokens=sink_tokens, dilation=dilation),
-                     hint=f", e.g. with dilation {dilation}")
 
 
 def group_for_density(method: AttentionMethod, default_group: int, pairs) -> None:
     """Shifted-group family: when `density` is given, set `group_size` to the smallest even group whose density
     over a causal sequence of `density_length` tokens reaches it; `pairs(group, mask)` counts attended pairs."""
     size_for_density(method, "group_size", default_group, pairs, step=2)
+
+
+def sequence_parallel_methods() -> list[str]:
+    """The registered methods that say how to run sequence-parallel (a block pattern)."""
+    from . import METHODS
+
+    out = []
+    for name, cls in METHODS.items():
+        if cls.block_pattern is AttentionMethod.block_pattern:
+            continue
+        try:
+            cls().block_pattern()  # an override may still refuse its default parameters (dilated windows)
+            out.append(name)
+        except NotImplementedError:
+            pass
+    return sorted(out)
+
+
+def kv_cache_methods() -> list[str]:
+    """The registered methods that can attend over a compressed KV cache (they have a position pattern)."""
+    from . import METHODS
+
+    return sorted(n for n, cls in METHODS.items() if cls.position_pattern is not AttentionMethod.position_pattern)
 
 
 def size_for_density(method: AttentionMethod, attr: str, default: int, pairs, step: int = 1, hint: str = "") -> None:

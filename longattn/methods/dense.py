@@ -33,5 +33,10 @@ class Dense(AttentionMethod):
         return dense_attention(query, key, value, mask, scale=call.scale, softcap=call.softcap,
                                dropout=call.dropout, backend=self.backend, learned_sinks=call.learned_sinks)
 
+    def block_pattern(self):
+        from ..parallel.patterns import CAUSAL
+
+        return CAUSAL
+
     def position_pattern(self, first_token=None):
         return causal

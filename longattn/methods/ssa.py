@@ -79,6 +79,8 @@ class SelectiveAttention(AttentionMethod):
     paper = "Zhang et al. 2024, Selective Attention (NeurIPS 2024, arXiv:2411.12892)"
     summary = "trainable query (token x position) and value temperatures, <0.5% new parameters, identity at init"
 
+    model_edit = "longattn.add_selective_attention(model)"
+
     backend: str = "auto"
 
     def validate(self):

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 
 from .blocks import check_backend
 from .comm import DEFAULT_TIMEOUT_S, check_group_size
-from .patterns import CAUSAL, BlockPattern
+from .patterns import CAUSAL, BlockPattern, MaskBlockPattern
 from .ring import ring_attention
 from .sharding import IGNORE_INDEX, LAYOUTS, ShardLayout
 from .ulysses import ulysses_attention, usp_attention, usp_groups
 
 STRATEGIES = ("ring", "ulysses", "usp")
-SP_METHODS = ("dense", "sliding_window", "sink_window")
 
 
 @dataclass
@@ -60,7 +59,7 @@ class SequenceParallel:
     ulysses_size: int = 1
     backend: str = "auto"
     timeout_s: float = DEFAULT_TIMEOUT_S
-    pattern: BlockPattern = CAUSAL  # set by patch() from the method
+    pattern: BlockPattern | MaskBlockPattern = CAUSAL  # set by patch() from the method
     usp_groups: tuple | None = None
 
     def __post_init__(self):
@@ -103,16 +102,7 @@ def sequence_parallel_for(value, method, all_layers: bool) -> SequenceParallel:
     if not all_layers:
         raise ValueError("sequence_parallel needs every attention layer patched (an unpatched layer would attend "
                          "only within its own shard); drop `layers=`")
-    name, params = method.name, method.params()
-    if name == "dense":
-        pattern = CAUSAL
-    elif name == "sliding_window":
-        pattern = BlockPattern(window=params["window"])
-    elif name == "sink_window":
-        pattern = BlockPattern(window=params["window"], sink_tokens=params["sink_tokens"])
-    else:
-        raise NotImplementedError(f"sequence_parallel runs the methods {list(SP_METHODS)}; {name!r} has no "
-                                  f"distributed kernel")
+    pattern = method.block_pattern()
     world = check_group_size(sp.group, sp.size)
     if sp.strategy == "usp" and sp.usp_groups is None:
         ranks = [dist.get_global_rank(sp.group, i) if sp.group is not None else i for i in range(world)]
@@ -135,13 +125,9 @@ def _check_positions(sp: SequenceParallel, position_ids, local_len: int) -> None
                          f".positions(rank, seq_len) with the input_ids shard")
 
 
-def layer_pattern(sp: SequenceParallel, sliding_window=None) -> BlockPattern:
+def layer_pattern(sp: SequenceParallel, sliding_window=None) -> BlockPattern | MaskBlockPattern:
     """The pattern a layer runs: the method's, intersected with the model's own window (Mistral, Qwen2, ...)."""
-    pattern = sp.pattern
-    if sliding_window:
-        window = sliding_window if pattern.window is None else min(pattern.window, sliding_window)
-        pattern = BlockPattern(window=window, sink_tokens=pattern.sink_tokens)
-    return pattern
+    return sp.pattern.with_window(sliding_window) if sliding_window else sp.pattern
 
 
 def sequence_parallel_pairs(sp: SequenceParallel, local_len: int, sliding_window=None) -> tuple[int, int]:
@@ -153,7 +139,7 @@ def sequence_parallel_pairs(sp: SequenceParallel, local_len: int, sliding_window
 
 
 @functools.lru_cache(maxsize=64)
-def _full_sequence_pairs(pattern: BlockPattern, seq_len: int) -> tuple[int, int]:
+def _full_sequence_pairs(pattern, seq_len: int) -> tuple[int, int]:
     return pattern.pair_count((0, seq_len), (0, seq_len)), seq_len * (seq_len + 1) // 2
 
 

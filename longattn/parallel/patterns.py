@@ -7,9 +7,13 @@ all) or partial (a boolean mask over the block, or the kernel's own causal switc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
+
+from ..kernels.masks import sinks_and_window
 
 Run = tuple[int, int]  # (first absolute position, number of positions)
 
@@ -84,6 +88,71 @@ class BlockPattern:
         q = torch.arange(q_run[0], q_run[0] + q_run[1], device=device)
         k = torch.arange(k_run[0], k_run[0] + k_run[1], device=device)
         return self.allowed(q, k)
+
+    def with_window(self, window: int) -> "BlockPattern | MaskBlockPattern":
+        """This pattern within a causal sliding window of `window` keys too (a model's own sliding window, which
+        hides sinks beyond it: the single-process mask is the same intersection)."""
+        return _within_window(self, window)
+
+
+@dataclass(frozen=True)
+class MaskBlockPattern:
+    """Any causal pattern given as a predicate `fn(batch, head, q_pos, k_pos)` over absolute positions (a
+    kernels.masks MaskFn, called with batch and head 0), optionally within a sliding `window`: each block is
+    classified by evaluating the predicate over it (once per block, cached), so a method that can write its
+    pattern as a predicate runs sequence-parallel without a pattern of its own here."""
+
+    fn: Callable
+    window: int | None = None
+    causal = True
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        q, k = q_pos.view(-1, 1), k_pos.view(1, -1)
+        zero = torch.zeros((), dtype=torch.long, device=q_pos.device)
+        ok = (k <= q) & self.fn(zero, zero, q, k)
+        if self.window is not None:
+            ok = ok & (q - k < self.window)
+        return ok
+
+    def classify(self, q_run: Run, k_run: Run) -> str:
+        (q0, qn), (k0, kn) = q_run, k_run
+        if k0 > q0 + qn - 1 or (self.window is not None and q0 - (k0 + kn - 1) >= self.window):
+            return EMPTY  # no predicate call: every key is after every query, or out of the window
+        block = _evaluated_block(self, q_run, k_run)
+        if not bool(block.any()):
+            return EMPTY
+        if bool(block.all()):
+            return FULL
+        if q_run == k_run and torch.equal(block, torch.ones_like(block).tril()):
+            return CAUSAL_DIAGONAL
+        return PARTIAL
+
+    def pair_count(self, q_run: Run, k_run: Run, rows: int = 256) -> int:
+        (q0, qn), (k0, kn) = q_run, k_run
+        k = torch.arange(k0, k0 + kn)
+        return sum(int(self.allowed(torch.arange(a, min(a + rows, q0 + qn)), k).sum())
+                   for a in range(q0, q0 + qn, rows))
+
+    def block_mask(self, q_run: Run, k_run: Run, device="cpu") -> torch.Tensor:
+        return _evaluated_block(self, q_run, k_run).to(device)
+
+    def with_window(self, window: int) -> "MaskBlockPattern":
+        return replace(self, window=window if self.window is None else min(self.window, window))
+
+
+@functools.lru_cache(maxsize=64)  # one object per (pattern, window): the block cache below then serves every layer
+def _within_window(pattern: BlockPattern, window: int):
+    if not pattern.causal:
+        raise ValueError("BlockPattern: a sliding window needs a causal pattern")
+    if pattern.window is None or window <= pattern.window or not pattern.sink_tokens:
+        return BlockPattern(window=window if pattern.window is None else min(pattern.window, window))
+    # sinks, a window, and a wider model window that the sinks beyond it fall out of: no run-bound form
+    return MaskBlockPattern(sinks_and_window(pattern.sink_tokens, pattern.window), window=window)
+
+
+@functools.lru_cache(maxsize=32)  # every layer, forward and backward, asks for the same blocks
+def _evaluated_block(pattern: MaskBlockPattern, q_run: Run, k_run: Run) -> torch.Tensor:
+    return pattern.allowed(torch.arange(q_run[0], q_run[0] + q_run[1]), torch.arange(k_run[0], k_run[0] + k_run[1]))
 
 
 CAUSAL = BlockPattern()
