@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .kernels.masks import AttentionMask, full, selected_keys
+from .kvcache.handoff import HANDOFF_ATTR, install_handoff_hooks
 from .methods import METHODS, AttendCall, AttentionMethod, make_method
 from .models import (HANDLED_KWARGS, INERT_KWARGS, attention_layer_indices, attention_modules, eager_function,
                      is_shared, kv_source_layers, num_layers, own_sparse_layers, passed_through_modules)
@@ -70,6 +71,7 @@ class PatchState:
     kv_policy: object = None  # a longattn.kvcache.KVPolicy when the KV cache is compressed
     kv_hook: object = None  # the forward pre-hook that puts the compressed cache in place
     method_hook: object = None  # the method's own cache preparation (Quest's block metadata), if any
+    handoff_hook: object = None  # attaches the forward's cache hand-off to the attention modules (kvcache.handoff)
 
     def __repr__(self) -> str:  # what a REPL shows after patch(): the method, not the model's module tree
         kv = f", kv_cache={self.kv_policy!r}" if self.kv_policy is not None else ""
@@ -187,7 +189,7 @@ def longattn_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if cache_layer is not None:
         cache_layer.receive(key, value, module)
     source = getattr(module, _KV_SOURCE_ATTR, None)  # a layer attending over another layer's keys and values
-    reused = shared_entries(source) if source is not None else None
+    reused = shared_entries(module, source) if source is not None else None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if (cache_layer is not None and cache_layer.compressed) or (reused is not None and reused.compressed):
         result, pairs = _compressed_cache_path(module, query, key, value, cache_layer, reused, scale, softcap,
@@ -474,9 +476,6 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
         raise ValueError("a compressed KV cache covers every layer: patch all layers (layers=None) with kv_cache")
     if getattr(model, "_longattn", None) is not None:
         unpatch(model)
-    from .kvcache.cache import clear_pending
-
-    clear_pending()
     _register()
     original = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
@@ -503,6 +502,8 @@ def patch(model, method="dense", *, layers=None, kv_cache=None, sequence_paralle
         state.kv_policy, state.kv_hook = policy, install_cache_hook(model, policy)
     else:
         state.method_hook = spec.install_cache(model)
+    # After the hooks above, which may put a cache of their own in place: its hand-off reaches the modules.
+    state.handoff_hook = install_handoff_hooks(model, mods)
     model._longattn = state
     return state
 
@@ -520,8 +521,10 @@ def unpatch(model) -> None:
         state.kv_hook.remove()
     if state.method_hook is not None:
         state.method_hook.remove()
+    if state.handoff_hook is not None:
+        state.handoff_hook.remove()
     for m in attention_modules(model) + passed_through_modules(model):
-        for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR, _KV_SOURCE_ATTR):
+        for attr in (_LAYER_ATTR, _ORIG_ATTR, _METER_ATTR, _SP_ATTR, _KV_SOURCE_ATTR, HANDOFF_ATTR):
             if hasattr(m, attr):
                 delattr(m, attr)
     del model._longattn

@@ -145,22 +145,30 @@ def test_selection_in_query_chunks_equals_one_pass(monkeypatch):
     torch.testing.assert_close(parts, ref, atol=1e-5, rtol=0)
 
 
-def test_decoding_keeps_block_bounds_in_the_cache_and_matches_computing_them():
-    """Quest's page metadata: the cache generate() makes keeps each block's key min / max, updated per token; the
-    bounds equal those computed from the keys, and decoding with them equals decoding from a plain cache."""
+def test_decoding_keeps_block_bounds_in_the_cache_and_matches_computing_them(monkeypatch):
+    """Quest's page metadata: the cache generate() makes keeps each block's key min / max, updated per token, and
+    every attention call takes them from it; the bounds equal those computed from the keys, and decoding with
+    them equals decoding from a plain cache."""
     from transformers import DynamicCache
 
+    import longattn.kvcache.quest as quest
     from longattn.kvcache.quest import BlockBoundsLayer
     from longattn.methods.block_topk import block_bounds
 
+    taken, take = [], quest.take_block_bounds
+    monkeypatch.setattr(quest, "take_block_bounds", lambda *a: taken.append(take(*a)) or taken[-1])
     model = make_model("llama")
     ids = torch.randint(3, 96, (2, 37), generator=torch.Generator().manual_seed(5))
     longattn.patch(model, "block_topk", block_size=8, top_k=2)
     kept = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                           output_logits=True)
+    longattn.patch_state(model).method_hook.remove()  # now generate's cache stays a plain one
     plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                            output_logits=True, cache=DynamicCache(config=model.config))
+    assert not any(isinstance(layer, BlockBoundsLayer) for layer in plain.past_key_values.layers)
     longattn.unpatch(model)
+    assert len(taken) == 2 * 3 * 6  # two generates, three layers, six forwards
+    assert all(b is not None for b in taken[:18]) and all(b is None for b in taken[18:])  # the plain cache has none
     cache = kept.past_key_values
     assert all(isinstance(layer, BlockBoundsLayer) for layer in cache.layers)
     for layer in cache.layers:  # 37 + 5 fed tokens: 6 blocks, the last one partial

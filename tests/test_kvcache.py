@@ -372,6 +372,47 @@ def test_decoding_memory_stays_within_budget():
     longattn.unpatch(model)
 
 
+def test_cache_hand_off_lives_only_during_a_forward():
+    """Attention modules find their cache layer through the forward's hand-off, which a hook attaches and detaches
+    when the forward ends, also when it raises: after generate nothing of the model holds the cache."""
+    import gc
+    import weakref
+
+    from longattn.kvcache.handoff import HANDOFF_ATTR
+
+    model = make_model("llama")
+    longattn.patch(model, "h2o", kv_budget=8)
+    attn = model.model.layers[1].self_attn
+    seen = []
+    handle = attn.register_forward_pre_hook(lambda m, *_: seen.append(getattr(m, HANDOFF_ATTR, None)))
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(4))
+    out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)
+    handle.remove()
+    cache = out.past_key_values
+    assert isinstance(cache, CompressedCache) and len(seen) == 3
+    assert all(h is getattr(cache, HANDOFF_ATTR) for h in seen)  # every forward: this cache's hand-off
+    assert cache.layers[1].keys.shape[-2] == 8  # ... and the layers evicted through it
+    assert not any(hasattr(m, HANDOFF_ATTR) for m in model.modules())
+    gone = weakref.ref(cache)
+    del out, cache
+    gc.collect()
+    assert gone() is None
+
+    def fail(*_):
+        raise RuntimeError("stop in layer 2")
+
+    handle = model.model.layers[2].self_attn.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="stop in layer 2"):
+        model(input_ids=ids, cache=CompressedCache(model._longattn.kv_policy, model), use_cache=True)
+    handle.remove()
+    assert not any(hasattr(m, HANDOFF_ATTR) for m in model.modules())
+    cache = CompressedCache(model._longattn.kv_policy, model)
+    model(input_ids=ids, cache=cache, use_cache=True)
+    assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
+    longattn.unpatch(model)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="smaller than sink_tokens"):

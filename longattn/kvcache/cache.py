@@ -13,8 +13,8 @@ bit (False for pads and for the empty slots of head-adaptive budgets): `kept_pos
 """
 from __future__ import annotations
 
+import copy
 import sys
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,33 +27,25 @@ from ..kernels.masks import AttentionMask, causal
 from ..models import (is_shared, latent_kv_cache, own_sparse_layers, rope_in_cache, rotary_inv_freq,
                       shared_indexer_layers)
 from .base import KVPolicy, ScoreInput, drop_invalid
-
-# The layer whose `update` ran last on this thread and still waits for its queries. transformers calls
-# `cache.update` right before the attention function in every attention module, so the handoff is exact.
-_pending = threading.local()
-
+from .handoff import HANDOFF_ATTR, Handoff, HookHandles, cache_handoff, module_handoff
 
 def take_pending(module) -> "CompressedLayer | None":
-    """The cache layer waiting for `module`'s attention: the one whose `update` the module just called (a shared
-    module, serving several layers, is the one whose layer updated)."""
-    layer = getattr(_pending, "layer", None)
-    if layer is None or (not is_shared(module) and layer.layer_idx != getattr(module, "layer_idx", None)):
+    """The compressed-cache layer waiting for `module`'s attention: the one whose `update` the module just called (a
+    shared module, serving several layers, is the one whose layer updated)."""
+    handoff = module_handoff(module)
+    layer = None if handoff is None else handoff.layer
+    if not isinstance(layer, CompressedLayer) or (
+            not is_shared(module) and layer.layer_idx != getattr(module, "layer_idx", None)):
         return None
-    _pending.layer = None
+    handoff.layer = None
     return layer
 
 
-def clear_pending() -> None:
-    """Forget a layer left waiting by a forward that raised before its attention ran, and the entries layers
-    published for others to reuse (a new forward starts)."""
-    _pending.layer = None
-    _pending.shared = {}
-
-
-def shared_entries(layer_idx: int) -> "Entries | None":
+def shared_entries(module, layer_idx: int) -> "Entries | None":
     """The entries layer `layer_idx` attended over in this forward, for layers that reuse its keys and values
     (Gemma 3n / Gemma 4 KV sharing): they see exactly what it saw, at the same stream positions."""
-    return getattr(_pending, "shared", {}).get(layer_idx)
+    handoff = module_handoff(module)
+    return None if handoff is None else handoff.shared.get(layer_idx)
 
 
 @dataclass
@@ -136,6 +128,17 @@ class CompressedLayer(DynamicLayer):
         self.prompt_length: int | None = None
         self.sequence_start: torch.Tensor | None = None  # [B] first real tokens, recorded before any eviction
 
+    def __deepcopy__(self, memo):
+        # A layer copied alone (Dory's per-loop layers, appended to the cache they came from) stays part of that
+        # cache: its hand-off, the new tokens' validity and the policy are shared, only its entries are copied. When
+        # the whole cache is being copied, memo already maps the cache to its copy.
+        memo.setdefault(id(self.cache), self.cache)
+        memo.setdefault(id(self.policy), self.policy)
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
         b, h = key_states.shape[:2]
@@ -162,7 +165,7 @@ class CompressedLayer(DynamicLayer):
         self.cumulative_length += q
         self.n_new = q
         self.awaiting = True
-        _pending.layer = self
+        cache_handoff(self.cache).layer = self
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -244,7 +247,7 @@ class CompressedLayer(DynamicLayer):
         """Score the entries with this forward's queries and evict down to the policy's target."""
         self.awaiting = False
         # Before eviction: what this forward attended over, for layers that reuse this one's keys and values.
-        _pending.__dict__.setdefault("shared", {})[self.layer_idx] = self.entries()
+        cache_handoff(self.cache).shared[self.layer_idx] = self.entries()
         first = self.prompt_length is None
         if first:
             self.prompt_length = self.cumulative_length
@@ -442,6 +445,7 @@ class CompressedCache(DynamicCache):
             layers[i] = kind(policy, i, n_layers, self, *extra, latent=latent)
         self.policy = policy
         self._new_validity: torch.Tensor | None = None
+        setattr(self, HANDOFF_ATTR, Handoff())
         self._rotary = {i: rotary_inv_freq(model, i) for i in attention_layers} if policy.shifts_positions else None
         self.rope_tensor, self._rope_interleaved = rope_in_cache(model)
         for i, leader in shared_indexer_layers(model).items():
@@ -603,7 +607,6 @@ def install_cache_hook(model, policy: KVPolicy):
             cache = kwargs[name] = CompressedCache(policy, model, base=cache)
         elif cache is None and _uses_cache(model, kwargs):  # the model would build its own cache otherwise
             cache = kwargs[name] = CompressedCache(policy, model)
-        clear_pending()
         if isinstance(cache, CompressedCache):
             x = kwargs.get("input_ids")
             x = kwargs.get("inputs_embeds") if x is None else x
@@ -627,16 +630,5 @@ def install_cache_hook(model, policy: KVPolicy):
 
     # On the model generate() calls, not its base model: some (OPT) never call their base model's forward.
     check_compressible(model)
-    return _Handles(model.register_forward_pre_hook(hook, with_kwargs=True),
-                    model.register_forward_hook(check_output, with_kwargs=True))
-
-
-class _Handles:
-    """Both hooks of a KV policy, removed together."""
-
-    def __init__(self, *handles):
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    return HookHandles(model.register_forward_pre_hook(hook, with_kwargs=True),
+                       model.register_forward_hook(check_output, with_kwargs=True))

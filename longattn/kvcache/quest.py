@@ -4,25 +4,29 @@ not every key (Tang et al. 2024, Quest, arXiv:2406.10774).
 
 `longattn.patch(model, "block_topk", ...)` puts these layers in the cache generate() makes (its full-attention
 layers; others stay as they are); block_topk's attention takes the metadata from the layer whose `update` ran
-just before it, and computes it from the keys where there is none (a cache the user made, a forward without one).
+just before it (handed off as kvcache.handoff describes), and computes it from the keys where there is none (a
+cache the user made, a forward without one).
 """
 from __future__ import annotations
 
+import copy
 import math
-import threading
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-_pending = threading.local()
+from .handoff import HANDOFF_ATTR, Handoff, module_handoff
 
 
-def take_block_bounds(key: torch.Tensor, block_size: int):
-    """(lo, hi) [B, Hkv, n_blocks, D] of the layer that returned `key` from its update just now, when it keeps
-    them for this block size; else None."""
-    layer = getattr(_pending, "layer", None)
-    _pending.layer = None
-    if layer is None or layer.block_size != block_size or layer.keys is None or layer.keys.shape != key.shape:
+def take_block_bounds(module, key: torch.Tensor, block_size: int):
+    """(lo, hi) [B, Hkv, n_blocks, D] of the layer that returned `key` to `module` from its update just now, when
+    it keeps them for this block size; else None."""
+    handoff = module_handoff(module)
+    layer = None if handoff is None else handoff.layer
+    if not isinstance(layer, BlockBoundsLayer):
+        return None
+    handoff.layer = None
+    if layer.block_size != block_size or layer.keys is None or layer.keys.shape != key.shape:
         return None
     return layer.lo, layer.hi
 
@@ -31,10 +35,17 @@ class BlockBoundsLayer(DynamicLayer):
     """A DynamicLayer that also keeps, per block of `block_size` positions, the elementwise min and max of its
     keys; appending tokens recomputes only the blocks they fall in."""
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, handoff: Handoff):
         super().__init__()
-        self.block_size = block_size
+        self.block_size, self.handoff = block_size, handoff
         self.lo = self.hi = None
+
+    def __deepcopy__(self, memo):
+        memo.setdefault(id(self.handoff), self.handoff)  # a copy (Dory's per-loop layers) hands off as its cache does
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def update(self, key_states, value_states, *args, **kwargs):
         start = 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
@@ -45,7 +56,7 @@ class BlockBoundsLayer(DynamicLayer):
             # All new keys fall in the last, partial block (a decoding step): widen its bounds in place.
             torch.minimum(self.lo[:, :, -1:], key_states.amin(dim=2, keepdim=True), out=self.lo[:, :, -1:])
             torch.maximum(self.hi[:, :, -1:], key_states.amax(dim=2, keepdim=True), out=self.hi[:, :, -1:])
-            _pending.layer = self
+            self.handoff.layer = self
             return keys, values
         n_blocks = math.ceil(keys.shape[-2] / bs)
         tail = keys[:, :, first * bs:]
@@ -59,7 +70,7 @@ class BlockBoundsLayer(DynamicLayer):
         else:
             self.lo = torch.cat([self.lo[:, :, :first], lo], dim=2)
             self.hi = torch.cat([self.hi[:, :, :first], hi], dim=2)
-        _pending.layer = self
+        self.handoff.layer = self
         return keys, values
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -94,12 +105,13 @@ def install_block_bounds_hook(model, block_size: int):
         if cache is None and kwargs.get("use_cache") is True:
             cache = kwargs[name] = DynamicCache(config=model.config)
         if is_fresh_cache(cache):
+            handoff = Handoff()
+            setattr(cache, HANDOFF_ATTR, handoff)  # attached to the attention modules by patch()'s hooks
             if cache.layers:
-                cache.layers = [BlockBoundsLayer(block_size) if type(layer) is DynamicLayer else layer
+                cache.layers = [BlockBoundsLayer(block_size, handoff) if type(layer) is DynamicLayer else layer
                                 for layer in cache.layers]
             else:  # built lazily: every layer it appends is a plain DynamicLayer
-                cache.layer_class_to_replicate = lambda: BlockBoundsLayer(block_size)
-        _pending.layer = None
+                cache.layer_class_to_replicate = lambda: BlockBoundsLayer(block_size, handoff)
         return args, kwargs
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -129,7 +129,8 @@ class BlockTopK(AttentionMethod):
             raise ValueError(f"{self.name}: attention dropout is not supported")
         from ..kvcache.quest import take_block_bounds
 
-        bounds = take_block_bounds(key, self.block_size)  # kept in the cache while decoding (Quest's pages)
+        # kept in the cache while decoding (Quest's pages)
+        bounds = take_block_bounds(call.module, key, self.block_size)
         # Selection and its bounds cost queries x key blocks: make them a chunk of query tiles at a time.
         outs, pairs = [], 0
         for q0 in range(0, query.shape[2], SELECT_CHUNK):
