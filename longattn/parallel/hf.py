@@ -6,13 +6,14 @@ attention with the method's pattern. Embeddings, norms and MLPs are per-token, s
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..kernels.masks import AttentionMask
 from .blocks import check_backend
 from .comm import DEFAULT_TIMEOUT_S, check_group_size
 from .patterns import CAUSAL, BlockPattern, MaskBlockPattern
@@ -61,6 +62,8 @@ class SequenceParallel:
     timeout_s: float = DEFAULT_TIMEOUT_S
     pattern: BlockPattern | MaskBlockPattern = CAUSAL  # set by patch() from the method
     usp_groups: tuple | None = None
+    count_pairs: Callable | None = None  # the method's pair counter over an AttentionMask, set by patch()
+    pair_counts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -112,7 +115,7 @@ def sequence_parallel_for(value, method, all_layers: bool) -> SequenceParallel:
         if u != sp.ulysses_size or u * r != world:
             raise ValueError(f"sequence_parallel usp_groups: Ulysses group of {u} x ring group of {r} ranks, but "
                              f"ulysses_size is {sp.ulysses_size} and the sequence-parallel group has {world} ranks")
-    return replace(sp, pattern=pattern)
+    return replace(sp, pattern=pattern, count_pairs=method.computed_pairs, pair_counts={})
 
 
 def _check_positions(sp: SequenceParallel, position_ids, local_len: int) -> None:
@@ -133,14 +136,14 @@ def layer_pattern(sp: SequenceParallel, sliding_window=None) -> BlockPattern | M
 def sequence_parallel_pairs(sp: SequenceParallel, local_len: int, sliding_window=None) -> tuple[int, int]:
     """(attended, causal) query-key pairs per sequence of one layer's attention over the FULL sharded sequence
     (local_len x group size positions), the same on every rank: the density meter's numerator and
-    denominator. The ranks' (query run, key run) blocks tile the whole square, so their allowed pairs add up
-    to the pattern's pairs over the full sequence; fully masked blocks, which the ring skips, add none."""
-    return _full_sequence_pairs(layer_pattern(sp, sliding_window), local_len * sp.world)
-
-
-@functools.lru_cache(maxsize=64)
-def _full_sequence_pairs(pattern, seq_len: int) -> tuple[int, int]:
-    return pattern.pair_count((0, seq_len), (0, seq_len)), seq_len * (seq_len + 1) // 2
+    denominator. The ranks' (query run, key run) blocks tile the whole square, so their allowed pairs are the
+    method's pairs over the full sequence, counted by the method itself (`sp.count_pairs`, set by patch()) as in
+    one process; fully masked blocks, which the ring skips, add none."""
+    key = (local_len * sp.world, sliding_window)
+    if key not in sp.pair_counts:  # the same for every layer and forward at this length
+        mask = AttentionMask.causal(key[0], window=sliding_window or None)
+        sp.pair_counts[key] = sp.count_pairs(mask), mask.causal_pair_count()
+    return sp.pair_counts[key]
 
 
 def sequence_parallel_attention(sp: SequenceParallel, query, key, value, attention_mask=None, *, scale: float,

@@ -69,20 +69,6 @@ class BlockPattern:
         all_sinks = k1 < self.sink_tokens and k1 <= q0
         return FULL if in_window_full or all_sinks else PARTIAL
 
-    def pair_count(self, q_run: Run, k_run: Run) -> int:
-        """Allowed (query, key) pairs of a block, from the run bounds in O(query run) arithmetic (no mask):
-        the numerator of attention density under sequence parallelism."""
-        (q0, qn), (k0, kn) = q_run, k_run
-        if not self.causal:
-            return qn * kn
-        q = torch.arange(q0, q0 + qn, dtype=torch.long)
-        hi = q.clamp(max=k0 + kn - 1)  # last allowed key: causal, and inside the key run
-        if self.window is None:
-            return int((hi - k0 + 1).clamp_min(0).sum())
-        lo = (q - self.window + 1).clamp(min=k0)  # first key inside the window
-        sink_hi = torch.minimum(hi, lo - 1).clamp(max=self.sink_tokens - 1)  # sinks left of the window
-        return int((hi - lo + 1).clamp_min(0).sum() + (sink_hi - k0 + 1).clamp_min(0).sum())
-
     def block_mask(self, q_run: Run, k_run: Run, device="cpu") -> torch.Tensor:
         """[q_len, k_len] bool mask of a PARTIAL block (True = attend)."""
         q = torch.arange(q_run[0], q_run[0] + q_run[1], device=device)
@@ -126,12 +112,6 @@ class MaskBlockPattern:
         if q_run == k_run and torch.equal(block, torch.ones_like(block).tril()):
             return CAUSAL_DIAGONAL
         return PARTIAL
-
-    def pair_count(self, q_run: Run, k_run: Run, rows: int = 256) -> int:
-        (q0, qn), (k0, kn) = q_run, k_run
-        k = torch.arange(k0, k0 + kn)
-        return sum(int(self.allowed(torch.arange(a, min(a + rows, q0 + qn)), k).sum())
-                   for a in range(q0, q0 + qn, rows))
 
     def block_mask(self, q_run: Run, k_run: Run, device="cpu") -> torch.Tensor:
         return _evaluated_block(self, q_run, k_run).to(device)
