@@ -13,7 +13,6 @@ bit (False for pads and for the empty slots of head-adaptive budgets): `kept_pos
 """
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from ..kernels.masks import AttentionMask, causal
 from ..models import (is_shared, latent_kv_cache, own_sparse_layers, rope_in_cache, rotary_inv_freq,
                       shared_indexer_layers)
 from .base import KVPolicy, ScoreInput, drop_invalid
-from .handoff import HANDOFF_ATTR, Handoff, HookHandles, cache_handoff, module_handoff
+from .handoff import HANDOFF_ATTR, Handoff, HookHandles, cache_handoff, copy_sharing, module_handoff
 
 def take_pending(module) -> "CompressedLayer | None":
     """The compressed-cache layer waiting for `module`'s attention: the one whose `update` the module just called (a
@@ -128,16 +127,8 @@ class CompressedLayer(DynamicLayer):
         self.prompt_length: int | None = None
         self.sequence_start: torch.Tensor | None = None  # [B] first real tokens, recorded before any eviction
 
-    def __deepcopy__(self, memo):
-        # A layer copied alone (Dory's per-loop layers, appended to the cache they came from) stays part of that
-        # cache: its hand-off, the new tokens' validity and the policy are shared, only its entries are copied. When
-        # the whole cache is being copied, memo already maps the cache to its copy.
-        memo.setdefault(id(self.cache), self.cache)
-        memo.setdefault(id(self.policy), self.policy)
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
+    def __deepcopy__(self, memo):  # its cache (hand-off, new tokens' validity) and policy are shared, not copied
+        return copy_sharing(self, memo, self.cache, self.policy)
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)

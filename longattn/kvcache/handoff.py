@@ -9,6 +9,7 @@ holds the cache after the forward.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,18 @@ class Handoff:
 
     def reset(self) -> None:
         self.layer, self.shared = None, {}
+
+
+def copy_sharing(layer, memo: dict, *shared):
+    """deepcopy of a cache layer that keeps `shared` (what belongs to its cache: the hand-off, the cache itself) as
+    they are, so that a layer copied alone (Dory's per-loop layers, appended to the cache they came from) stays
+    part of that cache. When the whole cache is being copied, memo already maps those to their copies."""
+    for obj in shared:
+        memo.setdefault(id(obj), obj)
+    new = object.__new__(type(layer))
+    memo[id(layer)] = new
+    new.__dict__.update(copy.deepcopy(layer.__dict__, memo))
+    return new
 
 
 def cache_handoff(cache) -> Handoff | None:

@@ -9,13 +9,12 @@ cache the user made, a forward without one).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .handoff import HANDOFF_ATTR, Handoff, module_handoff
+from .handoff import HANDOFF_ATTR, Handoff, copy_sharing, module_handoff
 
 
 def take_block_bounds(module, key: torch.Tensor, block_size: int):
@@ -40,12 +39,8 @@ class BlockBoundsLayer(DynamicLayer):
         self.block_size, self.handoff = block_size, handoff
         self.lo = self.hi = None
 
-    def __deepcopy__(self, memo):
-        memo.setdefault(id(self.handoff), self.handoff)  # a copy (Dory's per-loop layers) hands off as its cache does
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
+    def __deepcopy__(self, memo):  # a copy (Dory's per-loop layers) hands off as its cache does
+        return copy_sharing(self, memo, self.handoff)
 
     def update(self, key_states, value_states, *args, **kwargs):
         start = 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]

@@ -98,7 +98,8 @@ class WindowMethod(AttentionMethod):
     def validate(self):
         self.validate_fields()
         default = type(self).__dataclass_fields__["window"].default
-        size_for_density(self, "window", default, lambda w, mask: self.local_pattern(w).pair_count(mask))
+        size_for_density(self, "window", default, lambda w, mask: self.local_pattern(w).pair_count(mask),
+                         hint=f", e.g. with dilation {self.local_pattern().dilation}")
         check(self.name, "window", isinstance(self.window, int) and self.window >= 1, "an integer >= 1",
               self.window)
         extra = self.local_pattern().beyond_plain

@@ -90,7 +90,6 @@ class MaskBlockPattern:
 
     fn: Callable
     window: int | None = None
-    causal = True
 
     def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         q, k = q_pos.view(-1, 1), k_pos.view(1, -1)
