@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Fine-tune a Hugging Face causal LM on long sequences with sequence parallelism (ring / Ulysses attention).
 
-World = sequence-parallel x data-parallel: consecutive ranks share one sequence (each holds a zigzag shard
-of it), the ranks with the same shard index form data-parallel replicas that see different sequences. Within a
-sequence-parallel group, `--strategy ring` passes K/V around all its ranks, `ulysses` exchanges heads
-all-to-all, and `usp` does both: Ulysses over sub-groups of `--ulysses-size` consecutive ranks (heads and KV
-heads divisible by it), ring attention across the sub-groups.
+The world is a named DeviceMesh (longattn.parallel.ParallelDims): --dp-replicate x --dp-shard x
+--sequence-parallel ranks. Consecutive ranks share one sequence (each holds a zigzag shard of it; `--strategy
+ring` passes K/V around them, `ulysses` exchanges heads all-to-all, `usp` does both: Ulysses over sub-groups of
+`--ulysses-size` ranks, ring across). The model is sharded with FSDP2 per decoder layer over the data-shard x
+sequence ranks (weights, gradients and optimizer state split over all of them), replicated over --dp-replicate
+(HSDP). --dp-shard defaults to every rank the other degrees leave.
 
     # N processes on CPU (gloo); on GPUs drop --config_file and use your usual accelerate config
     accelerate launch --config_file scripts/accelerate_cpu.yaml --num_processes 4 \\
@@ -16,39 +17,43 @@ By default it fine-tunes the reference model (longattn.reference_model_path()) o
 file or a `datasets` name) change that. `--lora-rank R` trains LoRA adapters on the attention projections plus
 the embeddings and norms, as LongLoRA does (Chen et al. 2023, arXiv:2309.12307).
 
-Gradients: the loss is the mean over every token of the full sequence (sequence_parallel_loss); each SP rank's
-backward yields its share of the gradient, so gradients are SUMMED over the SP group and AVERAGED over DP
-replicas (sync_gradients). accelerate launches the processes and sets up the process group; the model is not
-wrapped in DDP, whose average over all ranks would be wrong for sequence-parallel shards.
+Gradients: the loss is the mean over every predicted token of the step on every rank (sequence_parallel_loss
+over the world, divided by the step's token count), and FSDP2 averages the gradients over the ranks, which is
+exactly the single-process gradient of the whole batch. --mixed-precision bf16 computes in bf16 (FSDP2's
+parameter dtype; autocast in one process) with fp32 master weights, optimizer and gradient reduction;
+--activation-checkpointing recomputes each decoder layer in the backward.
 
 `--grad-accum N` runs N micro-batches of `--batch-size` sequences per optimizer step: each micro-batch's loss
 is weighted by its share of the step's tokens before its backward, so the step's gradient (and the logged
 loss) is that of one batch of N x batch-size sequences; gradients are synchronized once per step.
 
-The data of step N depends only on (seed, N), and checkpoints hold the trainable weights, the optimizer and
-the scheduler: a resumed run continues exactly where the interrupted one stopped (loss log included). The
-finished model (LoRA merged) is saved with save_pretrained to OUTPUT_DIR/final.
+The data of step N depends only on (seed, N) and the global batch (dp x grad-accum x batch-size), not on how it
+is split. Checkpoints are torch.distributed.checkpoint directories (trainable weights, optimizer, scheduler,
+step, RNG), written in shards by every rank and resharded on load: a run resumes where it stopped (loss log
+included), on the same or on a different number of processes. The finished model (LoRA merged) is saved
+with save_pretrained to OUTPUT_DIR/final; the loss log is OUTPUT_DIR/loss_log.jsonl, one line per step.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import longattn
-from longattn.parallel import (IGNORE_INDEX, SequenceParallel, ShardLayout, parallel_groups, sequence_parallel_loss,
-                               sync_gradients)
+from longattn.parallel import (IGNORE_INDEX, ParallelDims, ShardLayout, count_tokens, fully_shard_model,
+                               sequence_parallel_loss)
+from longattn.parallel.fsdp import (PRECISIONS, TrainState, full_model_state, full_tensor, load_checkpoint,
+                                    save_checkpoint)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -60,7 +65,10 @@ def parse_args(argv=None):
                    help="linux-doc-train (default), python-doc, a local .txt/.jsonl/.json/.parquet file or a "
                         "datasets name")
     p.add_argument("--text-field", default="text", help="column holding the text (jsonl / parquet / datasets)")
-    p.add_argument("--sequence-parallel", type=int, default=1, help="ranks sharing one sequence (divides world)")
+    p.add_argument("--sequence-parallel", type=int, default=1, help="ranks sharing one sequence")
+    p.add_argument("--dp-replicate", type=int, default=1, help="data-parallel replicas of the FSDP-sharded model")
+    p.add_argument("--dp-shard", type=int, default=None,
+                   help="FSDP2 data-parallel shards per replica (default: world / (dp-replicate x SP))")
     p.add_argument("--strategy", default="ring", choices=["ring", "ulysses", "usp"],
                    help="ring, ulysses (all-to-all over heads) or usp (Ulysses x ring)")
     p.add_argument("--ulysses-size", type=int, default=2,
@@ -71,8 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--sink-tokens", type=int, default=4, help="sinks of sink_window")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (divisible by 2 x SP for zigzag)")
     p.add_argument("--batch-size", type=int, default=1,
-                   help="sequences per data-parallel replica per micro-batch")
+                   help="sequences per data-parallel rank per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--mixed-precision", default="fp32", choices=sorted(PRECISIONS))
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--stop-at", type=int, default=None, help="stop after this step (the schedule still runs to "
                    "--steps): an interrupted run, to be resumed")
@@ -87,11 +97,29 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a rank waits for a peer before failing")
     args = p.parse_args(argv)
-    if min(args.sequence_parallel, args.steps, args.batch_size, args.save_every, args.grad_accum) < 1:
-        p.error("--sequence-parallel, --steps, --batch-size, --grad-accum and --save-every must be >= 1")
+    if min(args.sequence_parallel, args.dp_replicate, args.steps, args.batch_size, args.save_every,
+           args.grad_accum) < 1 or (args.dp_shard is not None and args.dp_shard < 1):
+        p.error("--sequence-parallel, --dp-replicate, --dp-shard, --steps, --batch-size, --grad-accum and "
+                "--save-every must be >= 1")
     if args.strategy == "usp" and (args.ulysses_size < 1 or args.sequence_parallel % args.ulysses_size):
         p.error(f"--ulysses-size {args.ulysses_size} must divide --sequence-parallel {args.sequence_parallel}")
     return args
+
+
+def parallel_dims(args, world: int) -> ParallelDims:
+    """The mesh degrees for this launch; a clear error (SystemExit) when they do not multiply to the world."""
+    usp = args.ulysses_size if args.strategy == "usp" else 1
+    try:
+        if args.dp_shard is None:
+            return ParallelDims.for_world(world, dp_replicate=args.dp_replicate, sp=args.sequence_parallel,
+                                          strategy=args.strategy, ulysses_size=usp)
+        dims = ParallelDims(args.dp_replicate, args.dp_shard, args.sequence_parallel, args.strategy, usp)
+    except ValueError as e:
+        raise SystemExit(f"train_long: {e}") from e
+    if dims.world != world:
+        raise SystemExit(f"train_long: --dp-replicate {dims.dp_replicate} x --dp-shard {dims.dp_shard} x "
+                         f"--sequence-parallel {dims.sp} = {dims.world} ranks, but {world} processes were launched")
+    return dims
 
 
 def load_tokens(args, tokenizer, out_dir: Path, accelerator) -> np.ndarray:
@@ -133,7 +161,21 @@ def step_batch(tokens: np.ndarray, step: int, args, dp: int, dp_rank: int, micro
     return win[:, :-1], win[:, 1:]
 
 
-def build_model(args, sp_config):
+def lr_at(step: int, args) -> float:
+    """Linear warm-up, then cosine decay to 10% (step counts from 0)."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    t = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = [p for p in out_dir.glob(CHECKPOINT_PREFIX + "*") if (p / "complete").exists()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def build_model(args, sp_config=None):
+    """The model, patched (with sequence parallelism if `sp_config`), with LoRA adapters if asked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = args.model or str(longattn.reference_model_path())
@@ -158,46 +200,13 @@ def build_model(args, sp_config):
     return model.train(), tokenizer
 
 
-def lr_at(step: int, args) -> float:
-    """Linear warm-up, then cosine decay to 10% (step counts from 0)."""
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    t = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def memory_report(model, optimizer) -> dict:
+    """Bytes this rank holds of the weights, gradients and optimizer state (its FSDP shards)."""
+    from longattn.parallel.fsdp import local_bytes
 
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = [p for p in out_dir.glob(CHECKPOINT_PREFIX + "*") if (p / "complete").exists()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler) -> None:
-    """Written to a temporary directory, then renamed: a crash mid-save never leaves a half checkpoint."""
-    final = out_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = out_dir / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, tmp / "state.pt")
-    (tmp / "complete").write_text(f"{step}\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    missing = set(state["trainable"]) - set(params)
-    if missing:
-        raise SystemExit(f"{path}: checkpoint parameters not in the model (different --model / --lora-rank?): "
-                         f"{sorted(missing)[:5]}")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    states = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    return {"weights": local_bytes(model.parameters()), "gradients": local_bytes(p.grad for p in model.parameters()),
+            "optimizer": local_bytes(states)}
 
 
 def main(argv=None):
@@ -208,17 +217,11 @@ def main(argv=None):
     # A finite process-group timeout: a rank that dies ends the others with an error, not a hang.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[
         InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.timeout))])
-    world, rank = accelerator.num_processes, accelerator.process_index
-    sp = args.sequence_parallel
-    if world % sp:
-        raise SystemExit(f"world size {world} is not divisible by --sequence-parallel {sp} (world = SP x DP); "
-                         f"launch a multiple of {sp} processes")
-    dp = world // sp
-    sp_group = dp_group = usp = None
-    if world > 1:
-        sp_group, dp_group, usp = parallel_groups(sp, args.ulysses_size if args.strategy == "usp" else None)
-    sp_rank, dp_rank = rank % sp, rank // sp
-    layout = ShardLayout(args.layout, sp)
+    world = accelerator.num_processes
+    dims = parallel_dims(args, world)
+    mesh = dims.build_mesh(accelerator.device.type) if world > 1 else None
+    sp_rank, dp_rank = (mesh.sp_rank, mesh.dp_rank) if mesh else (0, 0)
+    layout = ShardLayout(args.layout, dims.sp)
     layout.check_length(args.seq_len)
     set_seed(args.seed)
     out_dir = Path(args.output_dir)
@@ -226,21 +229,24 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
-    sp_config = None
-    if sp > 1:
-        sp_config = SequenceParallel(group=sp_group, size=sp, strategy=args.strategy, layout=args.layout,
-                                     ulysses_size=args.ulysses_size, usp_groups=usp, timeout_s=args.timeout)
+    sp_config = mesh.sequence_parallel(args.layout, timeout_s=args.timeout) if mesh else None
     model, tokenizer = build_model(args, sp_config)
     model.to(accelerator.device)
+    if mesh is not None:
+        fully_shard_model(model, mesh.fsdp, mixed_precision=args.mixed_precision,
+                          activation_checkpointing=args.activation_checkpointing)
+    elif args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokens = load_tokens(args, tokenizer, out_dir, accelerator)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, args))
+    state = TrainState(0, scheduler)
 
-    start = 0
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+        load_checkpoint(ckpt, model, optimizer, state)
+    start = state.step
     log_path = out_dir / "loss_log.jsonl"
     if accelerator.is_main_process:
         kept = []  # drop lines of steps after the checkpoint: they are about to be redone identically
@@ -248,70 +254,72 @@ def main(argv=None):
             kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
         log_path.write_text("".join(ln + "\n" for ln in kept))
         n_train = sum(p.numel() for p in trainable)
-        accelerator.print(f"world {world} = SP {sp} ({args.strategy if sp > 1 else 'off'}) x DP {dp}; "
-                          f"{args.grad_accum} x {args.batch_size} sequences per replica per step; "
-                          f"{n_train:,} trainable parameters; "
+        accelerator.print(f"world {world} = DP replicate {dims.dp_replicate} x DP shard {dims.dp_shard} x SP "
+                          f"{dims.sp} ({args.strategy if dims.sp > 1 else 'off'}); FSDP2 over "
+                          f"{dims.dp_shard * dims.sp if mesh else 1} ranks; {args.grad_accum} x {args.batch_size} "
+                          f"sequences per data rank per step; {n_train:,} trainable parameters; "
                           f"{'resuming after step ' + str(start) if start else 'starting'}; log {log_path}")
     stop = min(args.steps, args.stop_at or args.steps)
     pos = layout.positions(sp_rank, args.seq_len, device=accelerator.device).expand(args.batch_size, -1)
-    done = start
+    autocast = (torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
+                if args.mixed_precision == "bf16" and mesh is None else contextlib.nullcontext())
     bar = tqdm(range(start, stop), initial=start, total=stop, disable=not accelerator.is_main_process,
                desc="train_long")
     for step in bar:
         t0 = time.perf_counter()
-        batches = [step_batch(tokens, step, args, dp, dp_rank, m) for m in range(args.grad_accum)]
-        # Each micro-batch's mean loss weighs by its share of the step's predicted tokens: the sum of the
-        # weighted losses (and of their gradients) is the mean over the whole step's batch.
-        counts = [int((labels != IGNORE_INDEX).sum()) for _, labels in batches]
+        batches = [step_batch(tokens, step, args, dims.dp, dp_rank, m) for m in range(args.grad_accum)]
+        batches = [(layout.shard(i, sp_rank).to(accelerator.device), layout.shard(lab, sp_rank).to(accelerator.device))
+                   for i, lab in batches]
+        # Every micro-batch's loss is its tokens' sum over the step's count on every rank: their gradients add
+        # up to the gradient of the mean over the whole step's batch.
+        step_tokens = count_tokens(torch.cat([lab.flatten() for _, lab in batches]))
         value = torch.zeros((), device=accelerator.device)
-        for (ids, labels), count in zip(batches, counts):
-            ids, labels = ids.to(accelerator.device), labels.to(accelerator.device)
-            if sp > 1:
-                logits = model(input_ids=layout.shard(ids, sp_rank), position_ids=pos, use_cache=False).logits
-                loss = sequence_parallel_loss(logits, layout.shard(labels, sp_rank), group=sp_group)
-            else:
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-            loss = loss * (count / max(1, sum(counts)))
+        for m, (ids, labels) in enumerate(batches):
+            if mesh is not None:  # FSDP2 reduces the gradients once per step, after the last micro-batch
+                model.set_requires_gradient_sync(m == len(batches) - 1)
+            with autocast:
+                logits = model(input_ids=ids, position_ids=pos if dims.sp > 1 else None, use_cache=False).logits
+            loss = sequence_parallel_loss(logits, labels, num_tokens=step_tokens)
             loss.backward()
             value += loss.detach()
             del logits, loss
-        if world > 1:
-            sync_gradients(trainable, sp_group=sp_group if sp > 1 else False, dp_group=dp_group)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
+        memory = memory_report(model, optimizer) if step == start else None  # optimizer state exists now
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if dp > 1:  # the logged loss is the mean over replicas (every SP rank already holds its group's value)
-            dist.all_reduce(value, group=dp_group)
-            value /= dp
-        done = step + 1
+        state.step = done = step + 1
         if accelerator.is_main_process:
             rec = {"step": done, "loss": value.item(), "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": done * dp * args.grad_accum * args.batch_size * args.seq_len,
+                   "tokens": done * dims.dp * args.grad_accum * args.batch_size * args.seq_len,
                    "seconds": time.perf_counter() - t0}
+            if memory is not None:
+                rec["rank0_bytes"] = memory
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
         if done % args.save_every == 0 or done == stop:
-            if accelerator.is_main_process:  # replicas hold identical weights after sync_gradients
-                save_checkpoint(out_dir, done, model, optimizer, scheduler)
-            accelerator.wait_for_everyone()
+            save_checkpoint(out_dir / f"{CHECKPOINT_PREFIX}{done:06d}", model, optimizer, state)
     bar.close()
-    if done == args.steps and accelerator.is_main_process and start < args.steps:
-        save_final(model, tokenizer, out_dir / "final", args)
+    if state.step == args.steps and start < args.steps:
+        save_final(model, tokenizer, out_dir / "final", args, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
-def save_final(model, tokenizer, path: Path, args) -> None:
-    """The fine-tuned model as a plain HF checkpoint: LoRA merged, longattn's patch removed (load it with
-    from_pretrained and patch it again as you like)."""
+def save_final(model, tokenizer, path: Path, args, main_process: bool) -> None:
+    """The fine-tuned model as a plain HF checkpoint: gathered from the shards, LoRA merged, longattn's patch
+    removed (load it with from_pretrained and patch it again as you like)."""
+    weights = full_model_state(model)  # collective: every rank takes part, rank 0 receives it
+    if not main_process:
+        return
+    plain, _ = build_model(args)  # unsharded, without sequence parallelism
+    plain.load_state_dict(weights)
     if args.lora_rank:
-        model = model.merge_and_unload()  # the embeddings and norms were trained in place on the base model
-    longattn.unpatch(model)
-    model.save_pretrained(path)
+        plain = plain.merge_and_unload()  # the embeddings and norms were trained in place on the base model
+    longattn.unpatch(plain)
+    plain.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import longattn
-from longattn.parallel import (SequenceParallel, ShardLayout, parallel_groups, sequence_parallel_loss, shift_labels,
-                               sync_gradients)
+from longattn.parallel import ParallelDims, SequenceParallel, ShardLayout, sequence_parallel_loss, shift_labels
 from longattn.parallel.launch import run_distributed
 from longattn.methods.base import sequence_parallel_methods
 from conftest import make_model
@@ -47,6 +46,15 @@ def full_loss(model, ids, labels):
     return logits, F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
+def average_gradients(model):
+    """What FSDP2 / DDP do with gradients (the reduction sequence_parallel_loss is written for): their mean."""
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+
+
 def hf_worker(rank, world, cases):
     results = {}
     for i, (name, arch, overrides, method, params, strategy, kind) in enumerate(cases):
@@ -67,7 +75,7 @@ def hf_worker(rank, world, cases):
         logits = model(input_ids=layout.shard(ids, rank), position_ids=pos, use_cache=False).logits
         loss = sequence_parallel_loss(logits, layout.shard(labels, rank))
         loss.backward()
-        sync_gradients(model.parameters())
+        average_gradients(model)
         grad_err = max(((p.grad - r.grad).abs().max() / r.grad.abs().max().clamp_min(1e-12)).item()
                        for p, r in zip(model.parameters(), ref_model.parameters()))
         # Density meter: over the full sequence on every rank, equal to the single-process patched model's
@@ -84,23 +92,28 @@ def hf_worker(rank, world, cases):
 
 
 def groups_worker(rank, world):
-    """parallel_groups on 4 ranks = SP 2 x DP 2 with Ulysses pairs: which ranks each group holds (an
-    all-gather of global ranks over it), and a usp SequenceParallel that rejects sub-groups of the wrong size."""
+    """The training mesh on 4 ranks: which global ranks each dimension's group holds (an all-gather over it) for
+    dp_shard 2 x ring 2 and for usp (Ulysses pairs x ring of 2), and a usp SequenceParallel that rejects
+    sub-groups of the wrong size."""
     import torch.distributed as dist
 
-    sp_group, dp_group, (u_group, r_group) = parallel_groups(2, ulysses_size=2)
-    members = {}
-    for name, g in (("sp", sp_group), ("dp", dp_group), ("ulysses", u_group), ("ring", r_group)):
-        got = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size(g))]
-        dist.all_gather(got, torch.tensor(rank), group=g)
-        members[name] = [int(t) for t in got]
+    def members(group):
+        got = [torch.zeros((), dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(got, torch.tensor(rank), group=group)
+        return [int(t) for t in got]
+
+    mesh = ParallelDims(dp_shard=2, sp=2).build_mesh("cpu")
+    out = {"sp": members(mesh.sp.get_group()), "dp": members(mesh.dp.get_group()),
+           "fsdp": members(mesh.fsdp.get_group())}
+    usp = ParallelDims(sp=4, strategy="usp", ulysses_size=2).build_mesh("cpu").sequence_parallel()
+    out["ulysses"], out["ring"] = (members(g) for g in usp.usp_groups)
     try:
         longattn.patch(make_model("llama"), "dense", sequence_parallel=SequenceParallel(
-            group=sp_group, strategy="usp", ulysses_size=1, usp_groups=(u_group, r_group)))
-        members["error"] = None
+            group=usp.group, strategy="usp", ulysses_size=1, usp_groups=usp.usp_groups))
+        out["error"] = None
     except ValueError as e:
-        members["error"] = str(e)
-    return members
+        out["error"] = str(e)
+    return out
 
 
 def errors_worker(rank, world):
@@ -147,10 +160,11 @@ def test_hf_model_under_sequence_parallel_matches_single_process(world):
         check_error_messages(per_rank[0][1])
     else:
         for rank, (_, members) in enumerate(per_rank):
-            pair = [rank - rank % 2, rank - rank % 2 + 1]
-            assert members["sp"] == members["ulysses"] == pair and members["ring"] == [rank], members
-            assert members["dp"] == [rank % 2, rank % 2 + 2], members
-            assert "Ulysses group of 2 x ring group of 1 ranks, but ulysses_size is 1" in members["error"]
+            pair = [rank - rank % 2, rank - rank % 2 + 1]  # consecutive ranks share a sequence
+            assert members["sp"] == members["ulysses"] == pair, members
+            assert members["dp"] == members["ring"] == [rank % 2, rank % 2 + 2], members
+            assert members["fsdp"] == [0, 1, 2, 3], members  # FSDP shards over data and sequence ranks
+            assert "Ulysses group of 2 x ring group of 2 ranks, but ulysses_size is 1" in members["error"]
 
 
 def check_error_messages(msgs):

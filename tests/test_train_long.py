@@ -1,4 +1,5 @@
-"""scripts/train_long.py under `accelerate launch` (gloo processes: ring SP 2, SP 2 x DP 2, Ulysses x ring SP 4):
+"""scripts/train_long.py under `accelerate launch` (gloo processes: ring SP 2, FSDP 2 x SP 2, Ulysses x ring SP 4,
+HSDP 2 x SP 2 with activation checkpointing):
 the same loss curve as one process on the full sequence (to 1e-4), an interrupted run resumes from its
 checkpoint, and gradient accumulation equals a larger batch."""
 from __future__ import annotations
@@ -58,21 +59,36 @@ def test_two_process_sequence_parallel_matches_one_process_and_resumes(tmp_path)
 
 
 
-def test_sequence_parallel_times_data_parallel_matches_one_process(tmp_path):
-    """4 ranks = SP 2 x DP 2, one sequence per replica, equals one process with both sequences in its batch:
-    gradients summed over each SP pair and averaged over the two replicas."""
+def test_fsdp_times_sequence_parallel_resumes_on_fewer_processes(tmp_path):
+    """4 ranks = FSDP 2 x SP 2, one sequence per data rank, interrupted after step 2, resumed on 2 processes (SP 2,
+    both sequences on each pair): the loss curve of one process with both sequences in its batch, uninterrupted.
+    The checkpoint (torch.distributed.checkpoint) is resharded from 4 FSDP shards to 2."""
     text = "\n\n".join(p.read_text() for p in sorted((ROOT / "longattn" / "evals").glob("*.py")))
     (tmp_path / "data.txt").write_text(text)
-    common = ["--dataset", str(tmp_path / "data.txt"), "--seq-len", "64", "--steps", "3", "--lr", "1e-3",
-              "--warmup-steps", "1"]
+    common = ["--dataset", str(tmp_path / "data.txt"), "--seq-len", "64", "--steps", "4", "--lr", "1e-3",
+              "--warmup-steps", "1", "--save-every", "2"]
     run([sys.executable, str(SCRIPT), *common, "--batch-size", "2", "--output-dir", str(tmp_path / "single")])
-    run(launch(4, "--sequence-parallel", "2", *common, "--batch-size", "1", "--output-dir", str(tmp_path / "sp_dp")))
-    single, parallel = losses(tmp_path / "single"), losses(tmp_path / "sp_dp")
-    assert len(single) == len(parallel) == 3
+    out = tmp_path / "sharded"
+    res = run(launch(4, "--sequence-parallel", "2", *common, "--batch-size", "1", "--stop-at", "2",
+                     "--output-dir", str(out)))
+    assert "DP shard 2 x SP 2 (ring); FSDP2 over 4 ranks" in res.stdout + res.stderr
+    assert (out / "checkpoint-000002" / "complete").exists() and (out / "checkpoint-000002" / ".metadata").exists()
+    res = run(launch(2, "--sequence-parallel", "2", *common, "--batch-size", "2", "--output-dir", str(out)))
+    assert "resuming after step 2" in res.stdout + res.stderr
+    single, parallel = losses(tmp_path / "single"), losses(out)
+    assert [r["step"] for r in parallel] == [1, 2, 3, 4]
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(single, parallel)]
     assert max(diffs) <= 1e-4, diffs
+    # rank 0 holds a quarter, then a half, of the weights (no LoRA: all of them train)
+    assert parallel[0]["rank0_bytes"]["weights"] * 4 == pytest.approx(single[0]["rank0_bytes"]["weights"], rel=0.01)
+    assert parallel[2]["rank0_bytes"]["weights"] * 2 == pytest.approx(single[0]["rank0_bytes"]["weights"], rel=0.01)
+    assert parallel[0]["rank0_bytes"]["optimizer"] * 4 == pytest.approx(single[0]["rank0_bytes"]["optimizer"], rel=0.01)
     bad = run(launch(2, "--sequence-parallel", "3", *common, "--output-dir", str(tmp_path / "bad")), expect_ok=False)
-    assert bad.returncode != 0 and "world size 2 is not divisible by --sequence-parallel 3" in bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "world size 2 is not divisible by dp_replicate 1 x sequence parallel 3" in \
+        bad.stdout + bad.stderr
+    bad = run(launch(2, "--dp-shard", "2", "--sequence-parallel", "2", *common, "--output-dir", str(tmp_path / "bad")),
+              expect_ok=False)
+    assert "= 4 ranks, but 2 processes were launched" in bad.stdout + bad.stderr
 
 
 def test_grad_accum_equals_larger_batch_and_usp_equals_one_process(tmp_path, capsys):
@@ -88,10 +104,19 @@ def test_grad_accum_equals_larger_batch_and_usp_equals_one_process(tmp_path, cap
     run([sys.executable, str(SCRIPT), *common, *accum, "--output-dir", str(tmp_path / "accum")])
     res = run(launch(4, "--sequence-parallel", "4", "--strategy", "usp", "--ulysses-size", "2", *common, *accum,
                      "--output-dir", str(tmp_path / "usp")))
-    assert "SP 4 (usp) x DP 1" in res.stdout + res.stderr
+    assert "DP shard 1 x SP 4 (usp)" in res.stdout + res.stderr
+    # HSDP (2 replicas of FSDP over the 2 sequence ranks) with each decoder layer recomputed in the backward
+    res = run(launch(4, "--dp-replicate", "2", "--sequence-parallel", "2", "--activation-checkpointing", *common,
+                     "--batch-size", "1", "--output-dir", str(tmp_path / "hsdp")))
+    assert "DP replicate 2 x DP shard 1 x SP 2 (ring); FSDP2 over 2 ranks" in res.stdout + res.stderr
     ref = losses(tmp_path / "batch2")
     assert len(ref) == 3 and ref[0]["loss"] != ref[-1]["loss"]
-    for name in ("accum", "usp"):
+    # bf16 compute (FSDP2 parameter dtype) over fp32 master weights: close to the fp32 curve, not equal
+    run(launch(2, "--mixed-precision", "bf16", *common, "--batch-size", "1", "--output-dir", str(tmp_path / "bf16")))
+    bf16 = losses(tmp_path / "bf16")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, bf16)) <= 0.05, (ref, bf16)
+    assert any(a["loss"] != b["loss"] for a, b in zip(ref, bf16))  # it really ran in bf16
+    for name in ("accum", "usp", "hsdp"):
         got = losses(tmp_path / name)
         assert [r["step"] for r in got] == [1, 2, 3] and [r["tokens"] for r in got] == [r["tokens"] for r in ref]
         diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(ref, got)]

@@ -174,73 +174,38 @@ def sequence_parallel_attention(sp: SequenceParallel, query, key, value, attenti
 
 
 class _SumAcrossRanks(torch.autograd.Function):
-    """Forward: all-reduce sum (every rank sees the global value). Backward: identity, because each rank's
-    parameters get their share of the gradient from their own tokens (summed later by sync_gradients)."""
+    """Forward: all-reduce sum (every rank sees the global value). Backward: the gradient times the group size,
+    so that the AVERAGE over the ranks' gradients (what FSDP2 / DDP reduce) is the sum of their shares."""
 
     @staticmethod
     def forward(ctx, x, group):
+        ctx.size = dist.get_world_size(group)
         x = x.clone()
         dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad * ctx.size, None
 
 
-def sequence_parallel_loss(logits, labels, group=None, ignore_index: int = IGNORE_INDEX):
-    """Mean next-token cross-entropy over the FULL sequence from every rank's shard (labels shifted globally
-    before sharding, see `shift_labels`). The value is the same on every rank; backward gives each rank the
-    gradient of its own tokens' share, so after `sync_gradients` the parameters' gradients equal the
-    single-process ones."""
-    total = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
-                            reduction="sum")
+def count_tokens(labels, group=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Labels that count in the loss, summed over the group's ranks (float32 scalar, the same on every rank)."""
     count = (labels != ignore_index).sum().to(torch.float32)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        total = _SumAcrossRanks.apply(total, group)
         dist.all_reduce(count, group=group)
-    return total / count.clamp_min(1.0)
+    return count
 
 
-def sync_gradients(parameters, sp_group=None, dp_group=None) -> None:
-    """Sum gradients over the sequence-parallel group (each rank holds a share of one sequence's gradient),
-    then average over data-parallel replicas (each holds the gradient of its own batch). One flat buffer
-    per collective."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if sp_group is not False and dist.get_world_size(sp_group) > 1:
-        dist.all_reduce(flat, group=sp_group)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(flat, group=dp_group)
-        flat /= dist.get_world_size(dp_group)
-    at = 0
-    for g in grads:
-        g.copy_(flat[at:at + g.numel()].view_as(g))
-        at += g.numel()
-
-
-def parallel_groups(sp_size: int, ulysses_size: int | None = None):
-    """(sp_group, dp_group, usp_groups) of this rank for world = sequence-parallel x data-parallel: SP groups
-    of `sp_size` consecutive ranks, DP groups of the ranks with the same SP index, and with `ulysses_size`
-    the (Ulysses, ring) sub-groups of this rank's SP group (`usp_groups`; else None). Every rank must call it
-    at the same time: it creates every group of the world on every rank (new_group is collective)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world % sp_size:
-        raise ValueError(f"world size {world} is not divisible by the sequence-parallel size {sp_size}")
-    sp_group = dp_group = usp = None
-    for d in range(world // sp_size):
-        g = dist.new_group(list(range(d * sp_size, (d + 1) * sp_size)))
-        if rank // sp_size == d:
-            sp_group = g
-    for s in range(sp_size):
-        g = dist.new_group(list(range(s, world, sp_size)))
-        if rank % sp_size == s:
-            dp_group = g
-    if ulysses_size is not None:
-        for d in range(world // sp_size):
-            groups = usp_groups(list(range(d * sp_size, (d + 1) * sp_size)), ulysses_size)
-            if rank // sp_size == d:
-                usp = groups
-    return sp_group, dp_group, usp
+def sequence_parallel_loss(logits, labels, group=None, ignore_index: int = IGNORE_INDEX, num_tokens=None):
+    """Mean next-token cross-entropy over every token of every rank of `group` (the sequence-parallel ranks,
+    and the data-parallel ones too when they should share one mean; labels shifted globally before sharding,
+    see `shift_labels`), divided by `num_tokens` if given (e.g. a whole accumulated step's `count_tokens`). The
+    value is the same on every rank. Its gradient is exact once AVERAGED over the group's ranks, which is the
+    reduction FSDP2 (`fully_shard_model` over the same ranks) and DDP do."""
+    total = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                            reduction="sum")
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        total = _SumAcrossRanks.apply(total, group)
+    count = count_tokens(labels, group, ignore_index) if num_tokens is None else num_tokens
+    return total / count.clamp_min(1.0) if torch.is_tensor(count) else total / max(1.0, float(count))
